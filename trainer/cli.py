@@ -1,0 +1,121 @@
+"""`tunegraph` command line: train | cache | validate | export | demo | tiny-models.
+
+Every command takes `--json`: a machine-readable summary is then the last line of stdout. Logs and
+progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import TuneGraphError
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config
+
+    overrides = dict(kv.split("=", 1) for kv in args.set or [])
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from .training.loop import train
+
+    return train(_config(args))
+
+
+def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
+    from .cache.build import build_caches
+    from .models import load_model
+
+    cfg = _config(args)
+    return build_caches(cfg, load_model(cfg), progress=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> dict[str, Any]:
+    from .training.validate_run import validate_adapter
+
+    return validate_adapter(_config(args), Path(args.adapter) if args.adapter else None)
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from .commands.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    return {"adapter": str(out)}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from .commands.demo import run_demo
+
+    return run_demo(Path(args.out), steps=args.steps)
+
+
+def cmd_tiny_models(args: argparse.Namespace) -> dict[str, Any]:
+    from .commands.tiny_models import write_tiny_models
+
+    written = write_tiny_models(Path(args.out), families=tuple(args.family), seed=args.seed)
+    return {name: str(path) for name, path in written.items()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunegraph", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn, help_: str, config: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+        if config:
+            sp.add_argument("--config", required=True, help="SimpleTuner-style config.json")
+            sp.add_argument(
+                "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+            )
+        return sp
+
+    add("train", cmd_train, "train an adapter from a SimpleTuner config.json", config=True)
+    add("cache", cmd_cache, "build the VAE-latent and text-embed caches for a config", config=True)
+    sp = add("validate", cmd_validate, "render validation images for a config (and an adapter)", config=True)
+    sp.add_argument("--adapter", help="adapter .safetensors (default: the config's output_dir final file)")
+    sp = add("export", cmd_export, "export a checkpoint folder as a ComfyUI-loadable adapter file")
+    sp.add_argument("--checkpoint", required=True, help="output_dir/checkpoint-N folder")
+    sp.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    sp = add("demo", cmd_demo, "train the tiny Flux LoKr on a generated dataset (about a minute on CPU)")
+    sp.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
+    sp.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    sp = add("tiny-models", cmd_tiny_models, "write the tiny models as diffusers folders")
+    sp.add_argument("--out", required=True, help="folder to write <family>/ model folders into")
+    sp.add_argument("--family", action="append", default=None, help="flux (default) or hidream; repeatable")
+    sp.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "family", "absent") is None:
+        args.family = ["flux"]
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="tunegraph: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        summary = args.fn(args)
+    except TuneGraphError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(e)}))
+        return 2
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The SimpleTuner config keys TuneGraph reads, with their types and defaults.
+
+`KEYS` are implemented. `UNSUPPORTED` are real SimpleTuner keys we accept but do not act on yet: a
+config naming one (with a value that would change anything) gets one warning listing them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # str | int | float | bool | path | any
+    default: Any = None
+    optional: bool = True  # None allowed
+    choices: tuple[str, ...] = ()
+
+
+def _k(kind: str, default: Any = None, *choices: str) -> Key:
+    return Key(kind, default, True, tuple(choices))
+
+
+KEYS: dict[str, Key] = {
+    # model
+    "model_type": _k("str", "lora", "lora"),
+    "model_family": _k("str", "flux", "flux", "hidream"),
+    "model_flavour": _k("str", None),
+    "pretrained_model_name_or_path": _k("str", None),
+    "pretrained_vae_model_name_or_path": _k("str", None),
+    "pretrained_transformer_model_name_or_path": _k("str", None),
+    "pretrained_transformer_subfolder": _k("str", "transformer"),
+    "revision": _k("str", None),
+    # adapter
+    "lora_type": _k("str", "standard", "standard", "lycoris"),
+    "lycoris_config": _k("path", None),
+    "lora_rank": _k("int", 16),
+    "lora_alpha": _k("float", None),
+    "lora_dropout": _k("float", 0.0),
+    "flux_lora_target": _k("str", "all", "mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano"),
+    "lora_init_type": _k("str", "default", "default", "gaussian", "loftq", "olora", "pissa"),
+    "init_lokr_norm": _k("float", None),
+    # data
+    "data_backend_config": _k("path", None),
+    "resolution": _k("float", 1024),
+    "resolution_type": _k("str", "pixel_area", "pixel_area", "area", "pixel"),
+    "minimum_image_size": _k("float", None),
+    "maximum_image_size": _k("float", None),
+    "target_downsample_size": _k("float", None),
+    "aspect_bucket_rounding": _k("int", 2),
+    "caption_strategy": _k("str", "filename", "filename", "textfile", "instanceprompt"),
+    "instance_prompt": _k("str", None),
+    "caption_dropout_probability": _k("float", 0.0),
+    "vae_batch_size": _k("int", 4),
+    "write_batch_size": _k("int", 128),
+    "cache_dir": _k("str", None),
+    "cache_dir_text": _k("str", None),
+    "cache_dir_vae": _k("str", None),
+    # loop
+    "output_dir": _k("str", "output/models"),
+    "seed": _k("int", 42),
+    "train_batch_size": _k("int", 1),
+    "gradient_accumulation_steps": _k("int", 1),
+    "max_train_steps": _k("int", None),
+    "num_train_epochs": _k("int", 1),
+    "learning_rate": _k("float", 1e-4),
+    "optimizer": _k("str", "adamw_bf16"),
+    "optimizer_config": _k("str", None),
+    "adam_beta1": _k("float", 0.9),
+    "adam_beta2": _k("float", 0.999),
+    "adam_weight_decay": _k("float", 1e-2),
+    "adam_epsilon": _k("float", 1e-8),
+    "prodigy_d_coef": _k("float", 1.0),
+    "lr_scheduler": _k("str", "constant", "constant", "constant_with_warmup", "cosine", "polynomial"),
+    "lr_warmup_steps": _k("int", 0),
+    "lr_end": _k("float", 4e-7),
+    "lr_power": _k("float", 1.0),
+    "max_grad_norm": _k("float", 2.0),
+    "grad_clip_method": _k("str", "value", "value", "norm"),
+    "mixed_precision": _k("str", "bf16", "bf16", "no", "fp16"),
+    "gradient_checkpointing": _k("bool", False),
+    "gradient_checkpointing_interval": _k("int", None),
+    "use_ema": _k("bool", False),
+    "ema_decay": _k("float", 0.995),
+    # flow matching
+    "flow_schedule_shift": _k("float", None),
+    "flow_schedule_auto_shift": _k("bool", False),
+    "flow_use_uniform_schedule": _k("bool", False),
+    "flow_sigmoid_scale": _k("float", 1.0),
+    "flux_guidance_value": _k("float", 1.0),
+    # checkpoints
+    "checkpoint_step_interval": _k("int", None),
+    "checkpointing_steps": _k("int", None),
+    "checkpoints_total_limit": _k("int", None),
+    "resume_from_checkpoint": _k("str", None),
+    # validation
+    "validation_prompt": _k("str", None),
+    "validation_negative_prompt": _k("str", "blurry, cropped, ugly"),
+    "user_prompt_library": _k("path", None),
+    "validation_step_interval": _k("int", None),
+    "validation_steps": _k("int", None),
+    "validation_seed": _k("int", None),
+    "validation_resolution": _k("str", "1024"),
+    "validation_num_inference_steps": _k("int", 30),
+    "validation_guidance": _k("float", 3.0),
+    "validation_guidance_real": _k("float", 1.0),
+    "validation_no_cfg_until_timestep": _k("int", 2),
+    "disable_validation": _k("bool", False),
+    "eval_steps_interval": _k("int", None),
+    "num_eval_images": _k("int", 4),
+    # logging
+    "report_to": _k("str", None),
+    "tracker_run_name": _k("str", "tunegraph"),
+    "tracker_project_name": _k("str", None),
+    "logging_dir": _k("str", None),
+    # precision (quantisation lands with its own issue; no_change works now)
+    "base_model_precision": _k("str", "no_change"),
+    "base_model_default_dtype": _k("str", "bf16", "bf16", "fp32"),
+    "text_encoder_1_precision": _k("str", "no_change"),
+    "text_encoder_2_precision": _k("str", "no_change"),
+    "text_encoder_3_precision": _k("str", "no_change"),
+    "text_encoder_4_precision": _k("str", "no_change"),
+    # hidream
+    "hidream_use_load_balancing_loss": _k("bool", False),
+    "hidream_load_balancing_loss_weight": _k("float", 0.01),
+}
+
+# Real SimpleTuner keys accepted but not acted on. Value = the value that is a no-op (no warning).
+UNSUPPORTED: dict[str, Any] = {
+    "validation_torch_compile": False,
+    "validation_guidance_rescale": 0.0,
+    "offload_during_startup": None,
+    "disable_benchmark": None,
+    "tread_config": None,
+    "validation_preview": False,
+    "validation_preview_steps": None,
+    "enable_group_offload": False,
+    "group_offload_type": None,
+    "group_offload_blocks_per_group": None,
+    "group_offload_use_stream": None,
+    "group_offload_to_disk_path": None,
+    "quantize_via": None,
+    "vae_enable_tiling": False,
+    "attention_mechanism": "diffusers",
+    "metadata_update_interval": None,
+    "snr_gamma": None,
+    "use_soft_min_snr": False,
+    "noise_offset": None,
+    "noise_offset_probability": None,
+    "lora_dropout_rate": None,
+    "allow_tf32": None,
+    "dataloader_prefetch": None,
+    "aspect_bucket_alignment": None,
+    "compress_disk_cache": None,
+    "hub_model_id": None,
+    "push_to_hub": False,
+    "push_checkpoints_to_hub": False,
+    "webhook_config": None,
+    "fuse_qkv_projections": False,
+    "flux_attention_masked_training": False,
+    "t5_padding": None,
+    "llama_layers": None,
+    "validation_using_datasets": False,
+    "validation_noise_scheduler": None,
+    "validation_lycoris_strength": None,
+    "validation_disable_unconditional": False,
+    "evaluation_type": None,
+    "pretrained_model_name_or_path_vae": None,
+    "ignore_final_epochs": False,
+    "gradient_precision": None,
+    "model_card_note": None,
+    "num_validation_images": None,
+    "lr_num_cycles": None,
+    "delete_unwanted_images": False,
+    "delete_problematic_images": False,
+    "freeze_encoder": None,
+    "text_encoder_limit": None,
+    "quantize_activations": False,
+    "keep_vae_loaded": None,
+    "skip_file_discovery": None,
+    "disable_tf32": None,
+    "max_workers": None,
+    "read_batch_size": None,
+    "image_processing_batch_size": None,
+    "training_scheduler_timestep_spacing": None,
+    "inference_scheduler_timestep_spacing": None,
+    "ema_device": None,
+    "ema_cpu_only": None,
+}
+
+ALIASES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval"}
+
+# Implemented keys whose non-default values are not acted on yet (quantisation has its own issue).
+NOT_YET = {f"text_encoder_{i}_precision" for i in range(1, 5)} | {"base_model_precision"}
