@@ -109,6 +109,7 @@ KEYS: dict[str, Key] = {
     "disable_validation": _k("bool", False),
     "eval_steps_interval": _k("int", None),
     "num_eval_images": _k("int", 4),
+    "eval_timesteps": _k("int", 28),
     # logging
     "report_to": _k("str", None),
     "tracker_run_name": _k("str", "tunegraph"),

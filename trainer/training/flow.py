@@ -1,0 +1,159 @@
+"""Flow-matching math: timestep (sigma) sampling, schedule shift, noisy inputs and targets.
+
+Conventions as in SimpleTuner and diffusers' Flux: sigma runs from 0 (data) to 1 (noise),
+x_t = (1 - sigma) * x0 + sigma * noise, and the model predicts the velocity noise - x0.
+Random draws come from a generator the loop owns (its state goes into checkpoints), always on the
+generator's device, so a CPU generator gives the same sigmas whatever device trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import ConfigError
+
+# diffusers' Flux scheduler config (base_image_seq_len, max_image_seq_len, base_shift, max_shift).
+FLUX_BASE_SEQ_LEN = 256
+FLUX_MAX_SEQ_LEN = 4096
+FLUX_BASE_SHIFT = 0.5
+FLUX_MAX_SHIFT = 1.15
+
+SAMPLING_METHODS = ("sigmoid", "uniform")
+
+
+def shift_sigmas(sigmas: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """SD3-style schedule shift: shift*s / (1 + (shift-1)*s). shift > 1 moves sigmas towards noise."""
+    if shift <= 0:
+        raise ConfigError(f"flow_schedule_shift must be > 0, got {shift}")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def auto_shift_mu(
+    image_seq_len: int,
+    base_seq_len: int = FLUX_BASE_SEQ_LEN,
+    max_seq_len: int = FLUX_MAX_SEQ_LEN,
+    base_shift: float = FLUX_BASE_SHIFT,
+    max_shift: float = FLUX_MAX_SHIFT,
+) -> float:
+    """mu for resolution-dependent shift, linear in the token count (diffusers' Flux `calculate_shift`)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def time_shift(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
+    """exp(mu) / (exp(mu) + (1/s - 1)); the same curve as `shift_sigmas(s, exp(mu))`, which is how
+    SimpleTuner applies flow_schedule_auto_shift (and which stays finite at s = 0)."""
+    return shift_sigmas(sigmas, math.exp(mu))
+
+
+def image_seq_len(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
+    """Tokens the transformer sees for one latent image (Flux packs 2x2 latent patches)."""
+    return (latent_height // patch_size) * (latent_width // patch_size)
+
+
+def effective_shift(
+    shift: float | None = None, auto_shift: bool = False, image_seq_len: int | None = None
+) -> float | None:
+    """The shift to apply, or None. auto_shift wins over a static shift, as in SimpleTuner (its
+    safety check zeroes flow_schedule_shift when both are set)."""
+    if auto_shift:
+        if image_seq_len is None or image_seq_len <= 0:
+            raise ConfigError("flow_schedule_auto_shift needs the image sequence length (latent size)")
+        return math.exp(auto_shift_mu(image_seq_len))
+    if shift is not None and shift > 0:
+        return float(shift)
+    return None
+
+
+def sample_sigmas(
+    batch: int,
+    generator: torch.Generator | None,
+    *,
+    method: str = "sigmoid",
+    sigmoid_scale: float = 1.0,
+    shift: float | None = None,
+    auto_shift: bool = False,
+    image_seq_len: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training sigmas, shape [batch], float32: sigmoid(scale * N(0,1)) (SimpleTuner's default
+    logit-normal) or U[0,1), then shifted."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if method == "sigmoid":
+        normal = torch.randn(batch, generator=generator, device=gen_device)
+        sigmas = torch.sigmoid(sigmoid_scale * normal)
+    elif method == "uniform":
+        sigmas = torch.rand(batch, generator=generator, device=gen_device)
+    else:
+        raise ConfigError(
+            f"sigma sampling method must be one of {', '.join(SAMPLING_METHODS)}, got {method!r}"
+        )
+    s = effective_shift(shift, auto_shift, image_seq_len)
+    if s is not None:
+        sigmas = shift_sigmas(sigmas, s)
+    return sigmas.to(device) if device is not None else sigmas
+
+
+def _expand(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, ...] in `like`'s dtype and device, to broadcast over one sample."""
+    return sigmas.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - sigma) * x0 + sigma * noise, one sigma per sample."""
+    s = _expand(sigmas, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity the model learns to predict: noise - x0."""
+    return noise - x0
+
+
+def eval_sigmas(
+    n: int, *, shift: float | None = None, auto_shift: bool = False, image_seq_len: int | None = None
+) -> torch.Tensor:
+    """n fixed sigmas for the stable eval loss, as SimpleTuner's eval uses a scheduler's
+    `set_timesteps(eval_timesteps)`: evenly spaced from 1 down to 1/1000, then the same shift as
+    training. float32, shape [n]."""
+    if n < 1:
+        raise ConfigError(f"the number of eval timesteps must be at least 1, got {n}")
+    sigmas = torch.linspace(1.0, 1.0 / 1000, n, dtype=torch.float64)
+    s = effective_shift(shift, auto_shift, image_seq_len)
+    if s is not None:
+        sigmas = shift_sigmas(sigmas, s)
+    return sigmas.float()
+
+
+def eval_noise(
+    shape: Sequence[int], seed: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Noise that depends only on (shape, seed): drawn on CPU from its own generator, so eval loss
+    is a function of the weights alone and never touches the training RNG."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def cfg_active(
+    step_index: int,
+    num_steps: int,
+    sigmas: Sequence[float] | torch.Tensor | None = None,
+    no_cfg_until_timestep: int = 2,
+    guidance_scale_real: float | None = None,
+) -> bool:
+    """Whether sampling step `step_index` (0-based) runs real CFG: not in the first
+    `no_cfg_until_timestep` steps (SimpleTuner's Flux pipeline: `i >= no_cfg_until_timestep`), and
+    never when guidance_scale_real is given and <= 1. `sigmas`, when given, must hold the schedule
+    (num_steps values, or num_steps + 1 with the trailing 0)."""
+    if not 0 <= step_index < num_steps:
+        raise ValueError(f"step_index {step_index} outside 0..{num_steps - 1}")
+    if sigmas is not None and len(sigmas) not in (num_steps, num_steps + 1):
+        raise ValueError(f"sigmas has {len(sigmas)} values for {num_steps} sampling steps")
+    if no_cfg_until_timestep < 0:
+        raise ConfigError(f"validation_no_cfg_until_timestep must be >= 0, got {no_cfg_until_timestep}")
+    if guidance_scale_real is not None and guidance_scale_real <= 1.0:
+        return False
+    return step_index >= no_cfg_until_timestep
