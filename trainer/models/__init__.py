@@ -1,0 +1,8 @@
+"""Model families (Flux; HiDream later): loading, prompt/image encoding, the training forward."""
+
+from .base import ModelBundle
+from .flux import FluxModel
+from .loading import ModelSource
+from .registry import FAMILIES, get_family, load_model
+
+__all__ = ["FAMILIES", "FluxModel", "ModelBundle", "ModelSource", "get_family", "load_model"]

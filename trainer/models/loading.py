@@ -1,0 +1,136 @@
+"""Where model components come from: `ModelSource`, local folder resolution and component loading.
+
+Weights are never downloaded: every path must be a local diffusers folder. A hub id or a missing
+folder is a ConfigError naming the key and saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+from ..errors import ConfigError
+
+_PATH_KEYS = (
+    "pretrained_model_name_or_path",
+    "pretrained_vae_model_name_or_path",
+    "pretrained_transformer_model_name_or_path",
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load, named with SimpleTuner's config keys. `base_dir` is where relative paths are
+    also tried (the config's folder); `origin` names the config in error messages."""
+
+    flavour: str | None = None
+    pretrained_model_name_or_path: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None
+    pretrained_transformer_model_name_or_path: str | None = None
+    pretrained_transformer_subfolder: str | None = "transformer"
+    seed: int = 0
+    base_dir: Path | None = None
+    origin: str = "model source"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelSource:
+        """Build from a TrainConfig (or anything with the same attributes)."""
+        values = {key: getattr(cfg, key, None) for key in _PATH_KEYS}
+        subfolder = getattr(cfg, "pretrained_transformer_subfolder", "transformer")
+        return cls(
+            flavour=getattr(cfg, "model_flavour", None),
+            pretrained_transformer_subfolder=subfolder,
+            seed=int(getattr(cfg, "seed", None) or 0),
+            base_dir=getattr(cfg, "config_dir", None),
+            origin=getattr(cfg, "source", "config"),
+            **values,
+        )
+
+    def folder(self, key: str, hub_hint: str | None = None) -> Path | None:
+        """The local folder for path key `key`, or None when the key is not set."""
+        value = getattr(self, key)
+        if not value:
+            return None
+        p = Path(value).expanduser()
+        candidates = (
+            [p] if p.is_absolute() else [Path.cwd() / p] + ([self.base_dir / p] if self.base_dir else [])
+        )
+        for c in candidates:
+            if c.is_dir():
+                return c
+            if c.is_file():
+                raise ConfigError(
+                    f"{self.origin}: key '{key}' is a file ({c}); single-file checkpoints are not supported "
+                    "yet. Point it at a diffusers folder (with model_index.json or config.json)."
+                )
+        tried = " and ".join(str(c) for c in candidates)
+        looks_like_hub = not p.is_absolute() and value.count("/") == 1 and not value.startswith(".")
+        what = (
+            f"'{value}' looks like a Hugging Face hub id" if looks_like_hub else f"folder '{value}' not found"
+        )
+        raise ConfigError(
+            f"{self.origin}: key '{key}': {what} (tried {tried}). TuneGraph never downloads weights: "
+            f"download the model yourself{f' (e.g. {hub_hint})' if hub_hint else ''} and set '{key}' to "
+            "the local diffusers folder."
+        )
+
+
+def component_folder(root: Path, subfolder: str | None, key: str, origin: str) -> Path:
+    """`root/subfolder` when it exists; `subfolder` "none"/None means `root` itself."""
+    if subfolder and subfolder.lower() != "none" and (root / subfolder).is_dir():
+        return root / subfolder
+    if (root / "config.json").is_file() or (root / "tokenizer_config.json").is_file():
+        return root
+    if (root / "scheduler_config.json").is_file():
+        return root
+    expected = root / subfolder if subfolder and subfolder.lower() != "none" else root
+    raise ConfigError(
+        f"{origin}: key '{key}': {expected} is not a diffusers component folder (no config.json). "
+        "Point the key at a complete local diffusers model folder."
+    )
+
+
+def load_component(cls: Any, folder: Path, dtype: torch.dtype | None, key: str, origin: str) -> Any:
+    """`cls.from_pretrained(folder)` offline; a broken folder becomes a ConfigError naming `key`."""
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        with quiet_progress():
+            return cls.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{origin}: key '{key}': could not load {cls.__name__} from {folder}: {exc}. "
+            "Check that the folder is a complete diffusers model."
+        ) from exc
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No transformers per-shard progress bars while loading or saving tiny or cached components."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def read_model_index(root: Path) -> dict:
+    path = root / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{path}: not a readable model_index.json ({exc}); re-save or re-download it"
+        ) from exc
