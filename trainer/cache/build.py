@@ -1,0 +1,115 @@
+"""Build every cache a config needs before training: discover, size-check, encode latents and prompts.
+
+`prepare_caches` returns the cached items the sampler trains on; `build_caches` returns just the
+summary `tunegraph cache --json` prints; `build_training_data` returns the sampler itself.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.backends import Backends, DatasetSpec, load_backends
+from ..data.discovery import Discovery, discover
+from ..data.sampler import TrainingData
+from ..data.sizing import check_dataset_size
+from .latents import LatentItem, cache_latents, plan_latents
+from .text_embeds import cache_text_embeds
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    latent_path: Path
+    bucket: str  # "WxH" in pixels
+    captions: tuple[str, ...]
+
+
+@dataclass
+class CachedDataset:
+    spec: DatasetSpec
+    items: list[CachedItem]
+
+
+@dataclass
+class CachedData:
+    """What training reads: per dataset its cached items, and caption -> text-embed file."""
+
+    datasets: list[CachedDataset]
+    text_paths: dict[str, Path]
+    summary: dict = field(default_factory=dict)
+
+
+def _setting(cfg: Any, name: str, default: int) -> int:
+    value = getattr(cfg, name, None)
+    return default if value is None else int(value)
+
+
+def _buckets(items: list[LatentItem]) -> dict[str, int]:
+    return dict(sorted(Counter(item.plan.bucket for item in items).items()))
+
+
+def _check_size(spec: DatasetSpec, items: list[LatentItem], cfg: Any) -> None:
+    if spec.probability > 0:  # a dataset never drawn does not need to fill a batch
+        batch, accum = _setting(cfg, "train_batch_size", 1), _setting(cfg, "gradient_accumulation_steps", 1)
+        check_dataset_size(spec.id, _buckets(items), spec.repeats, batch, accum, spec.source)
+
+
+def _plan_all(backends: Backends, cfg: Any, vae_id: str) -> list[tuple[Discovery, list[LatentItem]]]:
+    """Discover and plan every dataset, checking sizes before any encoding starts."""
+    planned = []
+    for spec in backends.datasets:
+        found = discover(spec)
+        items = plan_latents(found, _setting(cfg, "seed", 0), vae_id)
+        _check_size(spec, items, cfg)
+        planned.append((found, items))
+    return planned
+
+
+def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progress: bool = True) -> CachedData:
+    """Discover, check and cache everything the config's datasets need; return what training reads."""
+    backends = backends or load_backends(cfg)
+    vae_batch = _setting(cfg, "vae_batch_size", 4)
+    datasets, reports = [], []
+    for found, items in _plan_all(backends, cfg, str(model.vae_id)):
+        spec = found.spec
+        cached, reused, failed = cache_latents(
+            items, model, vae_batch, progress=progress, desc=f"latents {spec.id}"
+        )
+        for item in items:
+            if item.key in failed:
+                found.skip(item.record.path, failed[item.key])
+        items = [item for item in items if item.key not in failed]
+        if failed:
+            _check_size(spec, items, cfg)
+        datasets.append(
+            CachedDataset(spec, [CachedItem(i.path, i.plan.bucket, i.record.captions) for i in items])
+        )
+        reports.append(
+            {
+                "id": spec.id,
+                "images_found": found.found,
+                "images_used": len(items),
+                "skipped": found.skipped,
+                "buckets": _buckets(items),
+                "latents_cached": cached,
+                "latents_reused": reused,
+            }
+        )
+    captions = [c for d in datasets for item in d.items for c in item.captions]
+    text_paths, text_cached, text_reused = cache_text_embeds(
+        captions, model, backends.text_embeds, progress=progress
+    )
+    summary = {"datasets": reports, "text_embeds": {"cached": text_cached, "reused": text_reused}}
+    return CachedData(datasets, text_paths, summary)
+
+
+def build_caches(cfg: Any, model, *, progress: bool = True) -> dict:
+    """Build the caches; return {"datasets": [...], "text_embeds": {"cached", "reused"}}."""
+    return prepare_caches(cfg, model, progress=progress).summary
+
+
+def build_training_data(cfg: Any, model, *, progress: bool = True) -> TrainingData:
+    """Build (or reuse) the caches and return the sampler training reads (`.cached.summary` has the report)."""
+    return TrainingData.from_config(cfg, prepare_caches(cfg, model, progress=progress))
