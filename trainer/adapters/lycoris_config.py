@@ -1,0 +1,129 @@
+"""Reading a SimpleTuner lycoris_config.json and resolving its apply_preset against a model.
+
+Values are coerced like config.json's (string numbers and booleans); unknown keys get a did-you-mean;
+`"Attention"` becomes the family's attention classes; every listed class or name must match a module.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import coerce
+from ..errors import ConfigError
+from ..jsonfile import load_json
+from .targets import module_classes, name_matches, no_match_error
+
+ALGOS = ("lokr", "locon", "lora", "loha")
+_INT_KEYS = ("linear_dim", "factor", "conv_dim")
+_FLOAT_KEYS = ("linear_alpha", "multiplier", "conv_alpha", "dropout", "rank_dropout", "module_dropout")
+_BOOL_KEYS = (
+    "full_matrix", "use_scalar", "decompose_both", "bypass_mode", "use_tucker", "rs_lora",
+    "unbalanced_factorization", "train_norm", "rescaled", "dora_wd", "wd_on_output",
+    "use_conv_cp", "use_cp", "disable_conv_cp",
+)  # fmt: skip
+_OTHER_KEYS = ("algo", "apply_preset", "preset", "constraint", "block_size")
+KNOWN_KEYS = _INT_KEYS + _FLOAT_KEYS + _BOOL_KEYS + _OTHER_KEYS
+_PRESET_KEYS = (
+    "target_module",
+    "target_name",
+    "module_algo_map",
+    "name_algo_map",
+    "use_fnmatch",
+    "exclude_name",
+)
+_PRESET_KEYS_ALL = _PRESET_KEYS + ("enable_conv", "lora_prefix")
+
+
+def read_lycoris_config(path: str | Path) -> dict[str, Any]:
+    """Load and type-check a lycoris_config.json (lenient JSON, string numbers/booleans)."""
+    raw = load_json(path)
+    src = str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{src}: expected a JSON object like {{"algo": "lokr", "factor": 16}}')
+    return normalise_lycoris_config(raw, src)
+
+
+def normalise_lycoris_config(raw: dict[str, Any], src: str = "<lycoris_config>") -> dict[str, Any]:
+    if "algo" not in raw or not raw["algo"]:
+        raise ConfigError(f'{src}: key \'algo\' is missing; add e.g. "algo": "lokr"')
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{src}: key '{key}'"
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where} is not a LyCORIS option TuneGraph knows{hint}")
+        if key in _INT_KEYS:
+            value = coerce.to_int(value, where)
+        elif key in _FLOAT_KEYS:
+            value = coerce.to_float(value, where)
+        elif key in _BOOL_KEYS:
+            value = coerce.to_bool(value, where)
+        elif key == "apply_preset":
+            value = _check_preset(value, where)
+        out[key] = value
+    out["algo"] = str(out["algo"]).lower()
+    if out["algo"] not in ALGOS:
+        raise ConfigError(f"{src}: algo '{out['algo']}' is not supported; use one of {', '.join(ALGOS)}")
+    if out.get("dora_wd"):
+        raise ConfigError(f"{src}: dora_wd is not offered yet (ComfyUI's DoRA does not match LyCORIS')")
+    return out
+
+
+def _check_preset(preset: Any, where: str) -> dict[str, Any]:
+    if preset is None:
+        return {}
+    if not isinstance(preset, dict):
+        raise ConfigError(f"{where} must be an object with target_module / name_algo_map / ...")
+    for key in preset:
+        if key not in _PRESET_KEYS_ALL:
+            close = difflib.get_close_matches(key, _PRESET_KEYS_ALL, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown preset key '{key}'{hint}")
+    if preset.get("lora_prefix", "lycoris") != "lycoris":
+        raise ConfigError(f"{where}: lora_prefix must stay 'lycoris' (ComfyUI reads lycoris_ keys)")
+    if "use_fnmatch" in preset:
+        preset = {**preset, "use_fnmatch": coerce.to_bool(preset["use_fnmatch"], f"{where}.use_fnmatch")}
+    return preset
+
+
+def resolve_preset(preset: dict[str, Any], model: torch.nn.Module, attn_classes: list[str]) -> dict[str, Any]:
+    """Replace "Attention" by the family's attention classes (kept too if a class is really named so).
+
+    A preset without `target_module` targets no class by itself: lycoris' class default (every
+    Linear) would otherwise make a name_algo_map-only preset wrap the whole model, not the names.
+    """
+    if not preset:
+        return {}
+    present = set(module_classes(model))
+
+    def expand(name: str) -> list[str]:
+        if name != "Attention":
+            return [name]
+        return list(attn_classes) + (["Attention"] if "Attention" in present else [])
+
+    out = {"target_module": [], **preset}
+    if "target_module" in preset:
+        out["target_module"] = [c for name in preset["target_module"] for c in expand(name)]
+    if "module_algo_map" in preset:
+        out["module_algo_map"] = {c: v for name, v in preset["module_algo_map"].items() for c in expand(name)}
+    return out
+
+
+def check_targets(preset: dict[str, Any], model: torch.nn.Module, src: str) -> None:
+    """Every class and name the user listed must match at least one module."""
+    present = set(module_classes(model))
+    classes = list(preset.get("target_module", [])) + list(preset.get("module_algo_map", {}))
+    missing = sorted({c for c in classes if c not in present})
+    if missing:
+        raise no_match_error("LyCORIS target classes", missing, model, src)
+    use_fn = bool(preset.get("use_fnmatch", False))
+    names = list(preset.get("target_name", [])) + list(preset.get("name_algo_map", {}))
+    all_names = [n for n, _ in model.named_modules() if n]
+    unmatched = [p for p in names if not any(name_matches(p, n, use_fn) for n in all_names)]
+    if unmatched:
+        raise no_match_error("LyCORIS target names", unmatched, model, src)

@@ -1,0 +1,82 @@
+"""Which modules an adapter wraps: family facts, Flux LoRA presets, and errors that list what exists.
+
+`family_info` is the model family (a `trainer/models` ModelBundle or its class), or a dict. We read
+`attention_classes` (or `lycoris_attention_classes`) and `lora_target_presets` from it and fall
+back to Flux's values when it does not name them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+# SimpleTuner's flux_lora_target meanings (names are diffusers module-name suffixes, as PEFT matches).
+_FLUX_ATTN = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
+_FLUX_CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+_FLUX_FFS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+FLUX_LORA_TARGET_PRESETS: dict[str, list[str]] = {
+    "mmdit": ["to_k", "to_q", "to_v", "to_out.0"],  # SimpleTuner's DEFAULT_LORA_TARGET fallback
+    "all": _FLUX_ATTN,
+    "all+ffs": _FLUX_ATTN + _FLUX_FFS,
+    "context": _FLUX_CONTEXT,
+    "context+ffs": _FLUX_CONTEXT + ["ff_context.net.0.proj", "ff_context.net.2"],
+    # TheLastBen's tiny/nano LoRAs: two (one) single-block output projections of the full-size model.
+    "tiny": ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"],
+    "nano": ["single_transformer_blocks.7.proj_out"],
+}
+FLUX_ATTENTION_CLASSES = ["FluxAttention"]
+
+
+def family_value(family_info: Any, name: str, default: Any) -> Any:
+    """Read `name` from a family-info object or dict; `default` when it is absent or empty."""
+    if family_info is None:
+        return default
+    value = family_info.get(name) if isinstance(family_info, dict) else getattr(family_info, name, None)
+    return value if value else default
+
+
+def attention_classes(family_info: Any) -> list[str]:
+    """What `"Attention"` means in a LyCORIS preset (ModelBundle names it lycoris_attention_classes)."""
+    named = family_value(family_info, "attention_classes", None)
+    return list(named or family_value(family_info, "lycoris_attention_classes", FLUX_ATTENTION_CLASSES))
+
+
+def lora_target_presets(family_info: Any) -> dict[str, list[str]]:
+    return dict(family_value(family_info, "lora_target_presets", FLUX_LORA_TARGET_PRESETS))
+
+
+def module_classes(model: torch.nn.Module) -> list[str]:
+    """Sorted class names of every module in `model` (for error messages and matching)."""
+    return sorted({type(m).__name__ for m in model.modules()})
+
+
+def linear_names(model: torch.nn.Module, limit: int = 12) -> str:
+    """A short sample of Linear module names, for 'matches nothing' errors."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def name_matches(pattern: str, name: str, use_fnmatch: bool) -> bool:
+    """LyCORIS' own rule: fnmatch when use_fnmatch, else re.match from the start of the name."""
+    if use_fnmatch:
+        return fnmatch.fnmatch(name, pattern)
+    return pattern == name or bool(re.match(pattern, name))
+
+
+def suffix_matches(target: str, name: str) -> bool:
+    """PEFT's rule for a plain target-module name: the full name or its dotted suffix."""
+    return name == target or name.endswith("." + target)
+
+
+def no_match_error(what: str, entries: list[str], model: torch.nn.Module, source: str) -> ConfigError:
+    return ConfigError(
+        f"{source}: {what} {', '.join(repr(e) for e in entries)} match no module of this model. "
+        f"Module classes here: {', '.join(module_classes(model))}. "
+        f"Linear layers here include: {linear_names(model)}. Fix the names or pick another target."
+    )
