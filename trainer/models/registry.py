@@ -10,10 +10,12 @@ from ..config import did_you_mean
 from ..errors import ConfigError
 from .base import ModelBundle
 from .flux import FluxModel
+from .hidream import HiDreamModel
 from .loading import ModelSource
 
 FAMILIES: dict[str, type[ModelBundle]] = {
     "flux": FluxModel,
+    "hidream": HiDreamModel,
 }
 
 
