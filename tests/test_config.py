@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from tunegraph.trainer.config import TrainConfig, load_config
 from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.jsonfile import load_json, parse_json
@@ -55,7 +54,9 @@ def test_fragments_and_dash_prefixed_keys(tmp_path: Path) -> None:
 
 def test_unknown_key_did_you_mean(tmp_path: Path) -> None:
     p = write(tmp_path, "config.json", '{"learning_rat": 1e-4}')
-    with pytest.raises(ConfigError, match=r"config.json: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"config.json: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"
+    ):
         load_config(p)
 
 
@@ -102,7 +103,10 @@ def test_relative_paths_cwd_then_config_folder(tmp_path: Path, monkeypatch) -> N
     (elsewhere / "lyco.json").write_text("{}")  # the working directory wins
     assert cfg.input_path("lycoris_config") == elsewhere / "lyco.json"
     missing = load_config(p, {"lycoris_config": "nope.json"})
-    with pytest.raises(ConfigError, match=r"key 'lycoris_config': 'nope.json' not found \(tried .*run/nope.json and .*conf/nope.json\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'lycoris_config': 'nope.json' not found \(tried .*run/nope.json and .*conf/nope.json\)",
+    ):
         missing.input_path("lycoris_config")
 
 

@@ -67,7 +67,9 @@ class TrainConfig:
         object.__setattr__(self, "warnings", warnings)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None, source: str = "<dict>") -> TrainConfig:
+    def from_dict(
+        cls, data: dict[str, Any], base_dir: Path | None = None, source: str = "<dict>"
+    ) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object of config keys, got {type(data).__name__}")
         values = {name: key.default for name, key in KEYS.items() if name not in ALIASES}

@@ -132,6 +132,27 @@ class TrainingData:
             raise TrainingError(f"resume: data position {position} is outside an epoch of {len(self)} steps")
         self.position = position
 
+    def eval_items(self, n: int) -> list[dict]:
+        """A fixed set of n single items (first captions, no dropout) for the stable eval loss:
+        the first items of each dataset in turn, so it never depends on the epoch or the RNG."""
+        refs = [
+            (d, i)
+            for i in range(max(len(ds.items) for ds in self.cached.datasets))
+            for d, ds in enumerate(self.cached.datasets)
+            if i < len(ds.items)
+        ][:n]
+        out = []
+        for d, i in refs:
+            item = self.cached.datasets[d].items[i]
+            embeds = load_embeds([self.cached.text_paths[item.captions[0]]])
+            out.append(
+                {
+                    "latents": load_tensors(item.latent_path)["latents"],
+                    "embeds": {k: v[0] for k, v in embeds.items()},
+                }
+            )
+        return out
+
     # -- loading ----------------------------------------------------------------------------------
     def _caption(self, rng: random.Random, captions: tuple[str, ...]) -> str:
         caption = rng.choice(captions)

@@ -1,0 +1,150 @@
+"""The training loop: one readable path from config to loss, nanoGPT-style.
+
+`train(cfg)` is what the CLI and the TrainLoKr node both call. All randomness of a step comes from
+the run's own generator (saved in checkpoints) and the data order from the sampler's state, so a
+run stopped at step N and resumed reproduces an uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TrainingError
+from .evaluate import EvalSet
+from .flow import flow_target, image_seq_len, noisy_latents, sample_sigmas
+from .metrics import MetricsWriter, TrainProgress
+from .run import Run, prepare_run, save_final, save_run_checkpoint
+
+log = logging.getLogger("tunegraph")
+
+StepCallback = Callable[[int, int, dict[str, Any]], None]
+
+
+def _autocast(run: Run):
+    if run.cfg.mixed_precision == "bf16" and run.model.dtype != torch.float32:
+        return torch.autocast(device_type=run.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """Flow-matching loss for one micro-batch: x_t = (1-s)x0 + s*noise, target noise - x0."""
+    cfg, gen = run.cfg, run.generator
+    x0 = batch["latents"].to(run.device, torch.float32)
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(run.device)
+    sigmas = sample_sigmas(
+        x0.shape[0],
+        gen,
+        method="uniform" if cfg.flow_use_uniform_schedule else "sigmoid",
+        sigmoid_scale=cfg.flow_sigmoid_scale,
+        shift=run.shift,
+        auto_shift=cfg.flow_schedule_auto_shift,
+        image_seq_len=image_seq_len(x0.shape[-2], x0.shape[-1]),
+    ).to(run.device)
+    xt = noisy_latents(x0, noise, sigmas).to(run.model.dtype)
+    guidance = torch.full((x0.shape[0],), float(cfg.flux_guidance_value), device=run.device)
+    embeds = {k: v.to(run.device, run.model.dtype) for k, v in batch["embeds"].items()}
+    with _autocast(run):
+        pred = run.model.predict(xt, sigmas, embeds, guidance)
+    loss = torch.nn.functional.mse_loss(pred.float(), flow_target(x0, noise))
+    aux = getattr(run.model, "last_aux_loss", None)  # HiDream's MoE load-balancing loss (with grad)
+    if cfg.hidream_use_load_balancing_loss and aux is not None:
+        loss = loss + cfg.hidream_load_balancing_loss_weight * aux.float()
+    return loss
+
+
+def optimizer_step(run: Run) -> dict[str, float]:
+    """One optimizer step over gradient_accumulation_steps micro-batches."""
+    cfg = run.cfg
+    accum = cfg.gradient_accumulation_steps
+    total = 0.0
+    run.mark_step_start()
+    for _ in range(accum):
+        loss = compute_loss(run, run.data.next_batch())
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} at step {run.step + 1}; stopping. The last good checkpoint is kept "
+                "(lower learning_rate, set max_grad_norm, or check the data)"
+            )
+        (loss / accum).backward()
+        total += loss.item() / accum
+    grad_norm = run.clip_gradients()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
+    run.step += 1
+    run._step_start = None  # finished: an interrupt raised after it (on_step) must not rewind it
+    return {"loss": total, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+
+def _due(step: int, interval: int | None) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+def _after_step(run: Run, record: dict[str, Any], metrics: MetricsWriter, evals: EvalSet) -> None:
+    cfg, step = run.cfg, run.step
+    if _due(step, cfg.eval_steps_interval) and evals:
+        record["eval_loss"] = evals.loss(run)
+    metrics.log(step, **record)
+    if _due(step, cfg.checkpoint_step_interval) and step < run.total_steps:
+        save_run_checkpoint(run)
+    if _due(step, cfg.validation_step_interval) and not cfg.disable_validation:
+        run.validate(step)
+
+
+def train(
+    cfg,
+    *,
+    model=None,
+    on_step: StepCallback | None = None,
+    interrupt_types: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train an adapter as `cfg` says; returns a summary. `on_step(step, total, record)` runs after
+    every optimizer step (the nodes' progress bar). An exception of `interrupt_types` (Cancel) saves
+    a checkpoint at the last finished step, then re-raises."""
+    run = prepare_run(cfg, model=model)
+    evals = EvalSet.build(run)
+    started = time.monotonic()
+    with MetricsWriter(run.output_dir, cfg.report_to, cfg.tracker_run_name, resume_step=run.step) as metrics:
+        first_eval = None
+        if evals and run.step == run.start_step:
+            first_eval = evals.loss(run)
+            metrics.log(run.step, eval_loss=first_eval)
+        with TrainProgress(run.total_steps, run.step, enabled=progress) as bar:
+            try:
+                while run.step < run.total_steps:
+                    t0 = time.monotonic()
+                    record = optimizer_step(run)
+                    record["seconds"] = time.monotonic() - t0
+                    record["epoch"] = run.data.epoch
+                    _after_step(run, record, metrics, evals)
+                    bar.update(loss=record["loss"], lr=record["lr"])
+                    if on_step is not None:
+                        on_step(run.step, run.total_steps, record)
+            except interrupt_types:
+                run.rewind_partial_step()
+                if run.step > run.start_step:
+                    bar.write(f"interrupted: saving checkpoint at step {run.step}")
+                    save_run_checkpoint(run)
+                raise
+        last_eval = evals.loss(run) if evals else None
+        if last_eval is not None and run.step % (cfg.eval_steps_interval or math.inf) != 0:
+            metrics.log(run.step, eval_loss=last_eval)
+    summary = save_final(run)
+    summary.update(
+        seconds=round(time.monotonic() - started, 3),
+        eval_loss_first=first_eval,
+        eval_loss_last=last_eval,
+        metrics=str(Path(run.output_dir) / "metrics.jsonl"),
+    )
+    return summary

@@ -1,0 +1,211 @@
+"""A training run's state (model, data, adapter, optimizer, RNG) and its checkpoint / final files."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import attach_adapter
+from ..adapters.files import run_metadata
+from ..cache.build import build_training_data
+from ..errors import TrainingError
+from ..models import load_model
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .ema import EMA
+from .optim import build_optimizer, build_scheduler, clip_gradients
+from .rng import capture_rng_state, make_generator, restore_rng_state, seed_everything
+
+log = logging.getLogger("tunegraph")
+
+FINAL_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class Run:
+    cfg: Any
+    model: Any
+    data: Any
+    adapter: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: EMA | None
+    generator: torch.Generator
+    output_dir: Path
+    total_steps: int
+    shift: float | None
+    step: int = 0
+    start_step: int = 0
+    resumed_from: Path | None = None
+    validation_images: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.device)
+
+    def mark_step_start(self) -> None:
+        """Remember the data position and RNG before a step, so an interrupt mid-step can rewind."""
+        self._step_start = (self.data.state_dict(), self.generator.get_state())
+
+    def rewind_partial_step(self) -> None:
+        """Undo a half-done optimizer step's draws (grads dropped) so a checkpoint sits on a boundary."""
+        if getattr(self, "_step_start", None) is not None:
+            data_state, gen_state = self._step_start
+            self.data.load_state_dict(data_state)
+            self.generator.set_state(gen_state)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def clip_gradients(self) -> float:
+        return clip_gradients(self.adapter.parameters(), self.cfg.max_grad_norm, self.cfg.grad_clip_method)
+
+    def ema_weights(self):
+        """Context in which the adapter holds its EMA weights (a no-op without EMA)."""
+        return self.ema.swapped_in(self.adapter) if self.ema is not None else contextlib.nullcontext()
+
+    def validate(self, step: int) -> list[str]:
+        from .validation import render_validation
+
+        with self.ema_weights():
+            paths = render_validation(self.cfg, self.model, self.output_dir, step, self.data.instance_prompt)
+        self.validation_images.extend(str(p) for p in paths)
+        return [str(p) for p in paths]
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(
+            f"output_dir {output_dir} cannot be written ({e.strerror}); choose another folder"
+        ) from None
+
+
+def _total_steps(cfg, steps_per_epoch: int) -> int:
+    if cfg.max_train_steps:
+        return int(cfg.max_train_steps)
+    per_epoch = math.ceil(steps_per_epoch / cfg.gradient_accumulation_steps)
+    return max(1, (cfg.num_train_epochs or 1) * per_epoch)
+
+
+def _weight_dtype(cfg) -> torch.dtype:
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+
+
+def prepare_run(cfg, model=None) -> Run:
+    """Load (or take) the model, build caches and data, attach the adapter, resume if asked."""
+    output_dir = Path(cfg.output_dir)
+    _check_writable(output_dir)
+    resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    seed_everything(cfg.seed)
+    if model is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(cfg, device=device, dtype=_weight_dtype(cfg))
+    data = build_training_data(cfg, model)
+    if cfg.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    adapter = attach_adapter(model.transformer, cfg, model)
+    optimizer = build_optimizer(cfg, adapter.parameters())
+    total = _total_steps(cfg, len(data))
+    run = Run(
+        cfg=cfg,
+        model=model,
+        data=data,
+        adapter=adapter,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, total),
+        ema=EMA(adapter.parameters(), cfg.ema_decay) if cfg.use_ema else None,
+        generator=make_generator(cfg.seed),
+        output_dir=output_dir,
+        total_steps=total,
+        shift=None if cfg.flow_schedule_auto_shift else (cfg.flow_schedule_shift or model.default_shift),
+    )
+    if resume_path is not None:
+        _resume(run, resume_path)
+    return run
+
+
+def save_run_checkpoint(run: Run) -> Path:
+    """Write checkpoint-<step>: adapter, optimizer, scheduler, EMA, RNG, data position."""
+    tensors = {"adapter.safetensors": run.adapter.state_dict()}
+    if run.ema is not None:
+        tensors["ema.safetensors"] = run.ema.state_dict()
+    state = {
+        "step": run.step,
+        "data": run.data.state_dict(),
+        "config_hash": run.cfg.config_hash(),
+        "adapter_meta": {**run_metadata(run.cfg, run.step), **run.adapter.file_metadata()},
+    }
+    path = save_checkpoint(
+        run.output_dir,
+        run.step,
+        tensors=tensors,
+        objects={
+            "optimizer.pt": run.optimizer.state_dict(),
+            "scheduler.pt": run.scheduler.state_dict(),
+            "rng.pt": capture_rng_state({"train": run.generator}),
+        },
+        json={"state.json": state},
+        total_limit=run.cfg.checkpoints_total_limit,
+    )
+    log.info("saved %s", path)
+    return path
+
+
+def _resume(run: Run, path: Path) -> None:
+    ckpt = load_checkpoint(path)
+    state = ckpt.json["state.json"]
+    run.adapter.load_state_dict(ckpt.tensors["adapter.safetensors"])
+    run.optimizer.load_state_dict(ckpt.objects["optimizer.pt"])
+    run.scheduler.load_state_dict(ckpt.objects["scheduler.pt"])
+    if run.ema is not None and "ema.safetensors" in ckpt.tensors:
+        run.ema.load_state_dict(ckpt.tensors["ema.safetensors"])
+    restore_rng_state(ckpt.objects["rng.pt"], {"train": run.generator})
+    run.data.load_state_dict(state["data"])
+    run.step = run.start_step = int(state["step"])
+    run.resumed_from = path
+    if state.get("config_hash") != run.cfg.config_hash():
+        log.warning(
+            "resuming %s with a changed config (hash %s -> %s)",
+            path,
+            state.get("config_hash"),
+            run.cfg.config_hash(),
+        )
+    log.info("resumed from %s at step %d", path, run.step)
+
+
+def save_final(run: Run) -> dict[str, Any]:
+    """Write the final adapter (and its EMA twin), a last validation and the loss plot."""
+    from .metrics import read_metrics
+    from .plot import plot_loss
+
+    meta = run_metadata(run.cfg, run.step)
+    adapter_path = run.adapter.save(run.output_dir / FINAL_NAME, meta)
+    summary: dict[str, Any] = {
+        "output_dir": str(run.output_dir),
+        "adapter": str(adapter_path),
+        "steps": run.step,
+    }
+    if run.ema is not None:
+        with run.ema_weights():
+            ema_path = run.adapter.save(run.output_dir / "ema" / FINAL_NAME, {**meta, "ema": "true"})
+        summary["ema_adapter"] = str(ema_path)
+    done = any(f"step-{run.step:06d}" in p for p in run.validation_images)
+    if run.cfg.validation_prompt and not run.cfg.disable_validation and not done:
+        run.validate(run.step)
+    metrics = read_metrics(run.output_dir / "metrics.jsonl")
+    summary["loss_plot"] = str(plot_loss(metrics, run.output_dir / "loss.png"))
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    summary.update(
+        final_loss=losses[-1] if losses else None,
+        resumed_from=str(run.resumed_from) if run.resumed_from else None,
+        validation_images=run.validation_images,
+    )
+    return summary

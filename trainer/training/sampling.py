@@ -1,0 +1,93 @@
+"""Flow-matching Euler sampling over the same `model.predict` the training loss uses.
+
+It follows diffusers' FluxPipeline step for step (same noise, same sigma schedule, same guidance
+embedding), so without real CFG it reproduces the pipeline's images; with `guidance_real > 1` it does
+real CFG with a negative prompt, leaving the first steps without CFG.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+from .flow import cfg_active
+
+
+def _mu(scheduler_config, image_seq_len: int) -> float:
+    """diffusers' `calculate_shift`: a line through (base_seq_len, base_shift), (max_seq_len, max_shift)."""
+    c = scheduler_config
+    m = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (
+        c.get("max_image_seq_len", 4096) - c.get("base_image_seq_len", 256)
+    )
+    return image_seq_len * m + c.get("base_shift", 0.5) - m * c.get("base_image_seq_len", 256)
+
+
+def sampling_sigmas(model, latent_h: int, latent_w: int, steps: int) -> torch.Tensor:
+    """The pipeline's sigma schedule for this size, ending in 0 (a family may define its own)."""
+    if hasattr(model, "sampling_sigmas"):
+        return torch.as_tensor(model.sampling_sigmas(latent_h, latent_w, steps)).float()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = _mu(scheduler.config, (latent_h // 2) * (latent_w // 2))
+    scheduler.set_timesteps(sigmas=sigmas, device="cpu", **kwargs)
+    return scheduler.sigmas.float()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (
+        ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
+    return [Image.fromarray(a) for a in arr]
+
+
+@torch.no_grad()
+def sample_latents(
+    model,
+    embeds: dict[str, torch.Tensor],
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    negative_embeds: dict[str, torch.Tensor] | None = None,
+    guidance_real: float = 1.0,
+    no_cfg_steps: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """Sample latents for one batch of prompt embeds; returns (latents, steps that ran real CFG)."""
+    batch = next(iter(embeds.values())).shape[0]
+    h, w = 2 * (height // 16), 2 * (width // 16)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn((batch, 16, h, w), generator=generator, dtype=torch.float32).to(model.device, model.dtype)
+    sigmas = sampling_sigmas(model, h, w, steps)
+    g = torch.full((batch,), float(guidance), device=model.device)
+    cfg_steps = 0
+    for i in range(steps):
+        s = sigmas[i].expand(batch).to(model.device)
+        v = model.predict(x, s, embeds, g)
+        if (
+            negative_embeds is not None
+            and guidance_real > 1
+            and cfg_active(i, steps, no_cfg_until_timestep=no_cfg_steps)
+        ):
+            v_neg = model.predict(x, s, negative_embeds, g)
+            v = v_neg + guidance_real * (v - v_neg)
+            cfg_steps += 1
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(model.dtype)
+    return x, cfg_steps
+
+
+def sample_images(
+    model, prompts: list[str], negative_prompt: str | None = None, **kwargs
+) -> tuple[list, int]:
+    """Render prompts to PIL images; kwargs as `sample_latents`. Returns (images, CFG steps)."""
+    embeds = model.encode_prompts(prompts)
+    negative = None
+    if negative_prompt is not None and kwargs.get("guidance_real", 1.0) > 1:
+        negative = model.encode_prompts([negative_prompt] * len(prompts))
+    latents, cfg_steps = sample_latents(model, embeds, negative_embeds=negative, **kwargs)
+    return to_pil(model.decode_latents(latents)), cfg_steps
