@@ -85,6 +85,7 @@ class HiDreamModel(ModelBundle):
     flavours: ClassVar[tuple[str, ...]] = ("full", "dev", "fast", "tiny")
     default_flavour: ClassVar[str] = "full"
     lycoris_attention_classes: ClassVar[list[str]] = ["HiDreamAttention"]
+    guidance_is_cfg: ClassVar[bool] = True
     # PEFT suffixes; HiDream has `to_out`, not Flux's `to_out.0` (SimpleTuner's default misses it).
     lora_target_presets: ClassVar[dict[str, list[str]]] = {
         "mmdit": _ATTN_IMAGE,  # image-stream attention (double and single blocks)
@@ -114,10 +115,6 @@ class HiDreamModel(ModelBundle):
         self._moe_layers = [
             m for m in self.transformer.modules() if type(m).__name__ == "MOEFeedForwardSwiGLU"
         ]
-
-    @property
-    def attention_classes(self) -> list[str]:
-        return list(self.lycoris_attention_classes)
 
     def _text_id_extra(self) -> Any:
         return [self.clip_max_length, self.max_sequence_length, self.cached_llama_layers]

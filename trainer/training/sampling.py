@@ -24,10 +24,13 @@ def _mu(scheduler_config, image_seq_len: int) -> float:
     return image_seq_len * m + c.get("base_shift", 0.5) - m * c.get("base_image_seq_len", 256)
 
 
-def sampling_sigmas(model, latent_h: int, latent_w: int, steps: int) -> torch.Tensor:
-    """The pipeline's sigma schedule for this size, ending in 0 (a family may define its own)."""
+def sampling_sigmas(
+    model, latent_h: int, latent_w: int, steps: int, shift: float | None = None
+) -> torch.Tensor:
+    """The pipeline's sigma schedule for this size, ending in 0. A family with its own schedule
+    (HiDream: fixed shift) takes `shift`; Flux follows FluxPipeline's resolution-dependent one."""
     if hasattr(model, "sampling_sigmas"):
-        return torch.as_tensor(model.sampling_sigmas(latent_h, latent_w, steps)).float()
+        return torch.as_tensor(model.sampling_sigmas(latent_h, latent_w, steps, shift)).float()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config)
     sigmas = np.linspace(1.0, 1 / steps, steps)
     kwargs = {}
@@ -57,13 +60,14 @@ def sample_latents(
     negative_embeds: dict[str, torch.Tensor] | None = None,
     guidance_real: float = 1.0,
     no_cfg_steps: int = 0,
+    shift: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sample latents for one batch of prompt embeds; returns (latents, steps that ran real CFG)."""
     batch = next(iter(embeds.values())).shape[0]
     h, w = 2 * (height // 16), 2 * (width // 16)
     generator = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn((batch, 16, h, w), generator=generator, dtype=torch.float32).to(model.device, model.dtype)
-    sigmas = sampling_sigmas(model, h, w, steps)
+    sigmas = sampling_sigmas(model, h, w, steps, shift)
     g = torch.full((batch,), float(guidance), device=model.device)
     cfg_steps = 0
     for i in range(steps):

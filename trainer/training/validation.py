@@ -19,6 +19,9 @@ def render_validation(
     if not prompts:
         return []
     seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
+    real_cfg, no_cfg_steps = cfg.validation_guidance_real, cfg.validation_no_cfg_until_timestep
+    if model.guidance_is_cfg:  # HiDream: validation_guidance is real CFG on every step, as its pipeline
+        real_cfg, no_cfg_steps = max(cfg.validation_guidance, real_cfg), 0
     paths = []
     for width, height in parse_resolutions(cfg.validation_resolution):
         for nickname, prompt in prompts:
@@ -31,8 +34,9 @@ def render_validation(
                 steps=cfg.validation_num_inference_steps,
                 guidance=cfg.validation_guidance,
                 seed=seed,
-                guidance_real=cfg.validation_guidance_real,
-                no_cfg_steps=cfg.validation_no_cfg_until_timestep,
+                guidance_real=real_cfg,
+                no_cfg_steps=no_cfg_steps,
+                shift=cfg.flow_schedule_shift,
             )
             path = validation_image_path(output_dir, step, nickname, width, height)
             path.parent.mkdir(parents=True, exist_ok=True)
