@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
+
 from tunegraph.trainer.adapters import (
     attach_adapter,
     export_state,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
 from tunegraph.trainer.cache.build import build_caches, prepare_caches
 from tunegraph.trainer.config import TrainConfig, load_config
 from tunegraph.trainer.data.demo import make_demo_dataset

@@ -1,6 +1,7 @@
 """Content keys and atomic safetensors writes."""
 
 import torch
+
 from tunegraph.trainer.cache.store import (
     atomic_write,
     content_key,

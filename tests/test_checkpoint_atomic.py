@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tunegraph.trainer.errors import TrainingError
 from tunegraph.trainer.training.checkpoint import (
     MARKER,

@@ -3,6 +3,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from tunegraph.trainer.errors import TrainingError
 from tunegraph.trainer.training.checkpoint import load_checkpoint, save_checkpoint
 from tunegraph.trainer.training.rng import (

@@ -31,6 +31,10 @@ def test_pack_imports_without_failure(tmp_path: Path) -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "custom_nodes/tunegraph" in log, log[-3000:]  # ComfyUI really saw the pack
-    bad = [line for line in log.splitlines() if "tunegraph" in line and ("IMPORT FAILED" in line or "Error" in line)]
+    bad = [
+        line
+        for line in log.splitlines()
+        if "tunegraph" in line and ("IMPORT FAILED" in line or "Error" in line)
+    ]
     assert not bad, "\n".join(bad)
     assert "comfy_entrypoint" not in log, log[-3000:]

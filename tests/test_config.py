@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+
 from tunegraph.trainer.config import TrainConfig, load_config
 from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.jsonfile import load_json, parse_json

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import pytest
+
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.data.backends import load_backends, parse_backends
 from tunegraph.trainer.errors import ConfigError

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from tunegraph.trainer.data.backends import DatasetSpec
 from tunegraph.trainer.data.buckets import align, bucket_size, plan_image, too_large, too_small
 from tunegraph.trainer.data.sizing import check_dataset_size, repeats_needed, usable_samples

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from tunegraph.trainer.data.backends import DatasetSpec
 from tunegraph.trainer.data.demo import make_demo_dataset
 from tunegraph.trainer.data.discovery import discover

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 from PIL import Image
+
 from tunegraph.trainer.cache.build import build_training_data, prepare_caches
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.data.demo import make_demo_dataset

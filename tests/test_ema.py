@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from tunegraph.trainer.errors import TrainingError
 from tunegraph.trainer.training.ema import EMA
 

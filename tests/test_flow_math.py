@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.training.flow import (
     auto_shift_mu,

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+
 from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.training.metrics import (
     MetricsWriter,

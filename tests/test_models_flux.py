@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from diffusers import FluxPipeline
+
 from tunegraph.trainer.commands.tiny_models import write_tiny_models
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.errors import ConfigError

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import HiDreamImagePipeline
+
 from tunegraph.trainer.adapters import attach_adapter
 from tunegraph.trainer.adapters.lora import lora_from_config
 from tunegraph.trainer.commands.tiny_models import write_tiny_models

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.errors import ConfigError, TrainingError
 from tunegraph.trainer.training.optim import (

@@ -3,6 +3,7 @@ import logging
 from pathlib import Path
 
 import pytest
+
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.training.prompts import (

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tunegraph.trainer.commands.demo import write_demo_config
 from tunegraph.trainer.config import load_config
 from tunegraph.trainer.errors import TrainingError
@@ -219,6 +220,7 @@ def test_validation_images_and_real_cfg(demo_config: Path, tmp_path: Path) -> No
 def test_sampler_matches_flux_pipeline(demo_config: Path) -> None:
     """Without real CFG our sampler is FluxPipeline, step for step."""
     import numpy as np
+
     from tunegraph.trainer.training.sampling import sample_images
 
     model = load_model(config(demo_config, Path("/tmp/unused")))

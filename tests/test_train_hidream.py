@@ -35,7 +35,9 @@ def hidream_config(tmp_path_factory) -> Path:
     (root / "config").mkdir()
     (root / "config" / "multidatabackend.json").write_text(json.dumps(backends))
     shutil.copy(REF / "lycoris_config.name_algo_map.json", root / "config" / "lycoris_config.json")
-    shutil.copy(REF / "config.json", root / "config" / "config.json")  # trailing commas, string numbers: as is
+    shutil.copy(
+        REF / "config.json", root / "config" / "config.json"
+    )  # trailing commas, string numbers: as is
     return root / "config" / "config.json"
 
 
@@ -94,3 +96,25 @@ def test_bit_exact_resume_hidream(hidream_config: Path, tmp_path: Path) -> None:
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_on_hidream_wraps_every_named_module_and_rejects_to_out0() -> None:
+    from tunegraph.trainer.adapters import attach_adapter
+    from tunegraph.trainer.config import TrainConfig
+    from tunegraph.trainer.errors import ConfigError
+    from tunegraph.trainer.models import HiDreamModel, ModelSource
+
+    model = HiDreamModel.load(ModelSource(flavour="tiny", seed=0))
+    cfg = TrainConfig.from_dict({"lora_type": "standard", "lora_rank": 2, "flux_lora_target": "all"})
+    targets = model.lora_target_presets["all"]
+    named = {
+        n
+        for n, m in model.transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets)
+    }
+    adapter = attach_adapter(model.transformer, cfg, model)
+    assert set(adapter.wrapped_module_names) == named and named
+    # SimpleTuner's HiDream default list names to_out.0, which HiDream lacks: an error, not less training
+    fresh = HiDreamModel.load(ModelSource(flavour="tiny", seed=0))
+    with pytest.raises(ConfigError, match="to_out.0"):
+        attach_adapter(fresh.transformer, cfg, {"lora_target_presets": {"all": ["to_q", "to_out.0"]}})

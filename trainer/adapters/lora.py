@@ -104,16 +104,14 @@ def build_lora_adapter(transformer: torch.nn.Module, cfg: Any, family_info: Any)
 def lora_from_config(
     transformer: torch.nn.Module, config: dict[str, Any], src: str = "<config>"
 ) -> PeftLoraAdapter:
-    """Freeze `transformer` and add a PEFT LoRA adapter. A preset whose names match no Linear at all
-    is an error; single names a family lacks are dropped with a warning (PEFT's own rule)."""
+    """Freeze `transformer` and add a PEFT LoRA adapter. Every target name must match a Linear: a name
+    that matches nothing is an error (SimpleTuner's HiDream list names `to_out.0`, which HiDream does
+    not have, and silently trains less)."""
     linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = config["target_modules"]
     unmatched = [t for t in targets if not any(suffix_matches(t, n) for n in linears)]
-    if len(unmatched) == len(targets):
-        raise no_match_error("LoRA target modules", unmatched, transformer, src)
     if unmatched:
-        log.warning("%s: LoRA targets %s match no layer of this model; training the others", src, unmatched)
-        config = {**config, "target_modules": [t for t in targets if t not in unmatched]}
+        raise no_match_error("LoRA target modules", unmatched, transformer, src)
     transformer.requires_grad_(False)
     transformer.add_adapter(peft_config(config), adapter_name=ADAPTER_NAME)
     return PeftLoraAdapter(transformer, config)
