@@ -4,7 +4,27 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-NODES: list[type[io.ComfyNode]] = []  # filled as node modules land (node-pack issue)
+from .adapter_nodes import ApplyAdapter, SaveAdapter
+from .bridge_nodes import DecodeLatents, EncodePrompt, ToComfyModel
+from .data_nodes import CacheLatents, DemoDataset, LoadDatasetBackend
+from .model_nodes import LoadTrainingModel, QuantizeModel
+from .sample_nodes import ValidateSamples
+from .train_nodes import TrainLoKr
+
+NODES: list[type[io.ComfyNode]] = [
+    LoadTrainingModel,
+    QuantizeModel,
+    LoadDatasetBackend,
+    DemoDataset,
+    CacheLatents,
+    TrainLoKr,
+    ValidateSamples,
+    SaveAdapter,
+    ApplyAdapter,
+    ToComfyModel,
+    EncodePrompt,
+    DecodeLatents,
+]
 
 
 class TuneGraphExtension(ComfyExtension):

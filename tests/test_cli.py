@@ -54,8 +54,6 @@ def test_tiny_models_and_validate_with_adapter(tmp_path: Path) -> None:
         "--set",
         "model_flavour=",
         "--set",
-        "seed=0",
-        "--set",
         "validation_resolution=64x64",
         "--set",
         "eval_steps_interval=",

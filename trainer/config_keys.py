@@ -32,6 +32,8 @@ KEYS: dict[str, Key] = {
     "pretrained_transformer_model_name_or_path": _k("str", None),
     "pretrained_transformer_subfolder": _k("str", "transformer"),
     "revision": _k("str", None),
+    # TuneGraph's own: the tiny flavour's random weights (fixed, like a checkpoint; not the training seed)
+    "tiny_model_seed": _k("int", 0),
     # adapter
     "lora_type": _k("str", "standard", "standard", "lycoris"),
     "lycoris_config": _k("path", None),

@@ -30,10 +30,6 @@ class ModelBundle:
     # True where the family has no distilled guidance embedding, so validation_guidance means real CFG.
     guidance_is_cfg: ClassVar[bool] = False
 
-    @property
-    def attention_classes(self) -> list[str]:
-        return list(self.lycoris_attention_classes)
-
     lora_target_presets: ClassVar[dict[str, list[str]]] = {}
     # Hub ids per flavour, only to tell users what to download themselves.
     hub_ids: ClassVar[dict[str, str]] = {}

@@ -47,7 +47,7 @@ class ModelSource:
         return cls(
             flavour=getattr(cfg, "model_flavour", None),
             pretrained_transformer_subfolder=subfolder,
-            seed=int(getattr(cfg, "seed", None) or 0),
+            seed=int(getattr(cfg, "tiny_model_seed", None) or 0),
             base_dir=getattr(cfg, "config_dir", None),
             origin=getattr(cfg, "source", "config"),
             **values,

@@ -1,0 +1,100 @@
+"""LoadTrainingModel and QuantizeModel: the trainer's model families as a TUNEGRAPH_MODEL socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+from ..trainer.config import TrainConfig
+from ..trainer.errors import ConfigError
+from ..trainer.models import FAMILIES, load_model
+from . import paths
+from .handles import TrainingModel
+from .runtime import autograd_on, torch_device
+from .sockets import CATEGORY, ModelSocket
+
+FLAVOURS = sorted({f for fam in FAMILIES.values() for f in fam.flavours})
+PRECISIONS = {"bf16": (torch.bfloat16, "bf16"), "fp32": (torch.float32, "no")}
+QUANT_PRECISIONS = ["no_change", "int8-quanto", "int8-torchao", "nf4-bnb", "int4-quanto", "fp8-quanto"]
+
+
+def model_keys(family: str, flavour: str, folder: str, precision: str) -> dict:
+    """The config keys naming this model; a folder is confined to the allowed roots."""
+    if family not in FAMILIES:
+        raise ConfigError(f"LoadTrainingModel: model_family '{family}' is not one of {', '.join(FAMILIES)}")
+    FAMILIES[family].check_flavour(flavour, "LoadTrainingModel")
+    keys = {"model_family": family, "model_flavour": flavour, "mixed_precision": PRECISIONS[precision][1]}
+    if folder.strip():
+        import folder_paths
+
+        base = folder_paths.get_folder_paths("diffusers")[0]
+        where = "LoadTrainingModel: diffusers_folder"
+        keys["pretrained_model_name_or_path"] = str(paths.confine(folder, base, paths.comfy_roots(), where))
+    return keys
+
+
+def fingerprint(keys: dict, seed: int) -> str:
+    """The tiny weights follow the seed; a folder's weights change when its files do."""
+    folder = keys.get("pretrained_model_name_or_path")
+    stamp = (
+        max((p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()), default=0)
+        if folder
+        else 0
+    )
+    return f"seed={seed};folder_mtime={stamp}"
+
+
+class LoadTrainingModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TuneGraphLoadTrainingModel",
+            display_name="Load Training Model",
+            category=CATEGORY,
+            description="Load a model family for training and sampling: the built-in 'tiny' flavour, or a "
+            "local diffusers folder (relative to models/diffusers). Weights are never downloaded.",
+            inputs=[
+                io.Combo.Input("model_family", options=list(FAMILIES), default="flux"),
+                io.Combo.Input("model_flavour", options=FLAVOURS, default="tiny"),
+                io.String.Input("diffusers_folder", default="", tooltip="empty for flavour 'tiny'"),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="weights of the tiny flavour"),
+            ],
+            outputs=[ModelSocket.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model_family, model_flavour, diffusers_folder, precision, seed) -> io.NodeOutput:
+        keys = {
+            **model_keys(model_family, model_flavour, diffusers_folder, precision),
+            "tiny_model_seed": seed,
+        }
+        cfg = TrainConfig.from_dict(keys, source="LoadTrainingModel")
+        with autograd_on():  # weights made under inference_mode could never be trained
+            bundle = load_model(cfg, device=torch_device(), dtype=PRECISIONS[precision][0])
+        return io.NodeOutput(TrainingModel(bundle, keys, fingerprint(keys, seed)))
+
+
+class QuantizeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TuneGraphQuantizeModel",
+            display_name="Quantize Model",
+            category=CATEGORY,
+            description="Quantise the base transformer for low-VRAM training. Only 'no_change' works in this "
+            "version; the quantisation backends land with their own release.",
+            inputs=[ModelSocket.Input("model"), io.Combo.Input("precision", options=QUANT_PRECISIONS)],
+            outputs=[ModelSocket.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model: TrainingModel, precision: str) -> io.NodeOutput:
+        if precision != "no_change":
+            raise ConfigError(
+                f"QuantizeModel: precision '{precision}' is not available in this TuneGraph version yet; "
+                "use 'no_change' (or remove the node) and train in bf16"
+            )
+        return io.NodeOutput(model)

@@ -1,0 +1,107 @@
+"""Node widgets -> the same SimpleTuner config files the CLI reads, written into the run folder.
+
+TrainLoKr writes `<run>/config/{config,multidatabackend,lycoris_config}.json` and loads them with
+`load_config`, so a run started from a graph can be replayed with `tunegraph train --config ...`.
+A run is identified by its folder and a hash of its config (`<run>/tunegraph_run.json`): the same
+inputs again resume or reuse it, changed inputs move the old checkpoints aside and train afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..trainer.adapters.files import read_adapter_metadata
+from ..trainer.config import TrainConfig, load_config
+from ..trainer.training.checkpoint import list_checkpoints
+from ..trainer.training.run import FINAL_NAME
+from .handles import CacheHandle, Datasets
+
+RUN_FILE = "tunegraph_run.json"
+
+
+def text_embeds_entry(cache_dir: Path) -> dict[str, Any]:
+    return {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
+            "cache_dir": str(cache_dir)}  # fmt: skip
+
+
+def backend_entries(datasets: Datasets, text_cache_dir: Path) -> list[dict[str, Any]]:
+    return [dict(e) for e in datasets.entries] + [text_embeds_entry(text_cache_dir)]
+
+
+def cache_config(cache: CacheHandle, output_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config keys that come from the model and the datasets (everything but the training knobs)."""
+    return {
+        **cache.model.keys,
+        "output_dir": str(output_dir),
+        "data_backend_config": "multidatabackend.json",
+        **(extra or {}),
+    }
+
+
+def run_identity(config: dict[str, Any], backends: list[dict], lycoris: dict | None, start: str = "") -> str:
+    """Hash of everything that changes what a run trains (not how it resumes); `start` names the
+    checkpoint a chunked run starts from."""
+    body = {k: v for k, v in config.items() if k != "resume_from_checkpoint"}
+    blob = json.dumps([body, backends, lycoris, start], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_run_config(
+    run_dir: Path, config: dict[str, Any], backends: list[dict], lycoris: dict | None, start: str = ""
+) -> tuple[Path, str]:
+    """Write the three JSON files into `run_dir/config/`; returns (config.json path, identity)."""
+    conf = run_dir / "config"
+    conf.mkdir(parents=True, exist_ok=True)
+    config = dict(config)
+    if lycoris is not None:
+        (conf / "lycoris_config.json").write_text(json.dumps(lycoris, indent=2))
+        config["lycoris_config"] = "lycoris_config.json"
+    (conf / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
+    (conf / "config.json").write_text(json.dumps(config, indent=2))
+    return conf / "config.json", run_identity(config, backends, lycoris, start)
+
+
+def load_run_config(config_path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load with the config's own folder as the place relative paths are found (never the cwd)."""
+    return load_config(config_path, overrides)
+
+
+def finished_adapter(run_dir: Path, identity: str, steps: int) -> Path | None:
+    """The final adapter of an identical, finished run in `run_dir`, else None."""
+    final = run_dir / FINAL_NAME
+    if not final.is_file() or previous_identity(run_dir) != identity:
+        return None
+    meta = read_adapter_metadata(final)
+    return final if int(meta.get("step", -1)) == int(steps) else None
+
+
+def previous_identity(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text())["identity"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def claim_run_dir(run_dir: Path, identity: str) -> str:
+    """Make `run_dir` belong to `identity`. Returns "resume" when it already did (Cancel then
+    re-queue continues from the latest checkpoint), else "fresh": a different run's checkpoints and
+    final file are moved to `run_dir/superseded/<old identity>/` (never deleted)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    old = previous_identity(run_dir)
+    if old == identity:
+        return "resume"
+    stale = [p for _, p in list_checkpoints(run_dir)] + [p for p in (run_dir / FINAL_NAME,) if p.exists()]
+    if stale:
+        dest = run_dir / "superseded" / (old or "unknown")
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in stale:
+            target = dest / p.name
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            p.rename(target)
+    (run_dir / RUN_FILE).write_text(json.dumps({"identity": identity}))
+    return "fresh"

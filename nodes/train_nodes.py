@@ -1,0 +1,227 @@
+"""TrainLoKr: the trainer's loop inside ComfyUI, with progress, Cancel -> checkpoint, and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+from PIL import Image
+
+from ..trainer.adapters.lycoris_config import read_lycoris_config
+from ..trainer.training.checkpoint import find_latest_checkpoint
+from ..trainer.training.loop import train
+from ..trainer.training.optim import OPTIMIZERS
+from . import paths
+from .adapter_scope import clean_transformer
+from .handles import AdapterHandle, CacheHandle
+from .run_config import (
+    backend_entries,
+    cache_config,
+    claim_run_dir,
+    finished_adapter,
+    load_run_config,
+    write_run_config,
+)
+from .runtime import TRAIN_EVENT, Progress, autograd_on, check_interrupt, free_comfy_models, interrupt_types
+from .sockets import CATEGORY, AdapterSocket, CacheSocket
+
+SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "polynomial"]
+TARGETS = {"attention": ["Attention"], "attention+feedforward": ["Attention", "FeedForward"]}
+
+
+def lycoris_from_widgets(factor: int, full_matrix: bool, linear_dim: int, target: str) -> dict[str, Any]:
+    """SimpleTuner's recommended LoKr: full matrix, factor 16, alpha 1, attention modules."""
+    return {
+        "algo": "lokr",
+        "multiplier": 1.0,
+        "linear_dim": linear_dim,
+        "linear_alpha": 1,
+        "factor": factor,
+        "full_matrix": full_matrix,
+        "apply_preset": {"target_module": TARGETS[target]},
+    }
+
+
+def training_keys(v: dict[str, Any]) -> dict[str, Any]:
+    """Widget values -> SimpleTuner config keys (0 means "off / family default" where it says so)."""
+    return {
+        "model_type": "lora",
+        "lora_type": "lycoris",
+        "max_train_steps": v["steps"],
+        "learning_rate": v["learning_rate"],
+        "optimizer": v["optimizer"],
+        "lr_scheduler": v["lr_scheduler"],
+        "lr_warmup_steps": v["lr_warmup_steps"],
+        "train_batch_size": v["train_batch_size"],
+        "gradient_accumulation_steps": v["gradient_accumulation_steps"],
+        "flow_schedule_shift": v["flow_schedule_shift"] or None,
+        "flux_guidance_value": v["flux_guidance_value"],
+        "checkpoint_step_interval": v["checkpoint_interval"] or None,
+        "checkpoints_total_limit": 3,
+        "use_ema": v["use_ema"],
+        "seed": v["seed"],
+        "max_grad_norm": v["max_grad_norm"],
+        "grad_clip_method": "norm",
+        "init_lokr_norm": v["init_lokr_norm"] or None,
+        "report_to": "none",
+        "resume_from_checkpoint": "latest",  # Cancel, then queue again: continue where it stopped
+    }
+
+
+def image_tensor(path: str | Path) -> torch.Tensor:
+    """A PNG as ComfyUI's IMAGE: float [1,H,W,3] in [0,1]."""
+    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+def _start_checkpoint(resume_from: AdapterHandle | None) -> str:
+    if resume_from is None or resume_from.output_dir is None:
+        return ""
+    latest = find_latest_checkpoint(resume_from.output_dir)
+    return str(latest) if latest else ""
+
+
+class _LastStep(Exception):
+    """Raised from on_step after the last step: train() then saves a checkpoint there (it writes none
+    at the last step by itself), which `resume_from` of a later TrainLoKr chunk starts from."""
+
+
+class TrainLoKr(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TuneGraphTrainLoKr",
+            display_name="Train LoKr",
+            category=CATEGORY,
+            description="Train a LyCORIS LoKr adapter on cached datasets into output/tunegraph/<output_name>. "
+            "Cancel saves a checkpoint; queueing again continues from it; an unchanged finished run is reused.",
+            is_output_node=True,
+            inputs=[
+                CacheSocket.Input("cache"),
+                io.String.Input("output_name", default="lokr"),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-8, max=1.0, step=1e-5, round=False),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw_bf16"),
+                io.Combo.Input("lr_scheduler", options=SCHEDULERS, default="constant_with_warmup"),
+                io.Int.Input("lr_warmup_steps", default=0, min=0, max=100_000),
+                io.Int.Input("train_batch_size", default=1, min=1, max=256),
+                io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024),
+                io.Float.Input(
+                    "flow_schedule_shift",
+                    default=0.0,
+                    min=0.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="0 = the family's default shift",
+                ),
+                io.Float.Input("flux_guidance_value", default=1.0, min=0.0, max=20.0, step=0.1),
+                io.Int.Input("checkpoint_interval", default=250, min=0, max=1_000_000, tooltip="0 = off"),
+                io.Boolean.Input("use_ema", default=False),
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.01),
+                io.String.Input(
+                    "lycoris_config_file", default="", tooltip="a lycoris_config.json instead of the widgets"
+                ),
+                io.Int.Input("lokr_factor", default=16, min=-1, max=1024),
+                io.Boolean.Input("lokr_full_matrix", default=True),
+                io.Int.Input("lokr_linear_dim", default=10000, min=1, max=100_000),
+                io.Combo.Input("lokr_target", options=list(TARGETS), default="attention"),
+                io.Float.Input(
+                    "init_lokr_norm",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-4,
+                    round=False,
+                    tooltip="0 = off; e.g. 1e-4 speeds up LoKr training",
+                ),
+                AdapterSocket.Input(
+                    "resume_from", optional=True, tooltip="continue a previous TrainLoKr run (chunks)"
+                ),
+            ],
+            outputs=[AdapterSocket.Output(display_name="adapter"), io.Image.Output(display_name="loss_plot")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls, cache: CacheHandle, output_name: str, resume_from: AdapterHandle | None = None, **v: Any
+    ):
+        run_dir = paths.output_path(str(Path("tunegraph") / output_name), "TrainLoKr: output_name")
+        if v["lycoris_config_file"].strip():
+            path = paths.input_path(v["lycoris_config_file"], "TrainLoKr: lycoris_config_file")
+            lycoris = read_lycoris_config(path)
+        else:
+            lycoris = lycoris_from_widgets(
+                v["lokr_factor"], v["lokr_full_matrix"], v["lokr_linear_dim"], v["lokr_target"]
+            )
+        config = cache_config(
+            cache, run_dir, {**training_keys(v), "cache_dir": str(paths.output_dir() / "tunegraph" / "cache")}
+        )
+        start = _start_checkpoint(resume_from)
+        config_path, identity = write_run_config(
+            run_dir,
+            config,
+            backend_entries(cache.datasets, cache.text_cache_dir),
+            lycoris,
+            f"{start}|{cache.model.fingerprint}",
+        )
+        done = finished_adapter(run_dir, identity, v["steps"])
+        if done is not None:  # the same run finished before (e.g. after a server restart): reuse it
+            summary = {"adapter": str(done), "output_dir": str(run_dir), "steps": v["steps"], "reused": True,
+                       "loss_plot": str(run_dir / "loss.png")}  # fmt: skip
+        else:
+            mode = claim_run_dir(run_dir, identity)
+            if (
+                mode == "fresh" and start
+            ):  # a chunk starts from a copy of the previous chunk's last checkpoint
+                shutil.copytree(start, run_dir / Path(start).name, dirs_exist_ok=True)
+            cfg = load_run_config(config_path)
+            summary = cls._train(cfg, cache, run_dir)
+        return cls._outputs(cache, summary)
+
+    @classmethod
+    def _train(cls, cfg, cache: CacheHandle, run_dir: Path) -> dict[str, Any]:
+        progress = Progress(cfg.max_train_steps, cls.hidden.unique_id)
+
+        def on_step(step: int, total: int, record: dict[str, Any]) -> None:
+            progress.update(step, total, text=f"step {step}/{total}  loss {record['loss']:.4f}")
+            keys = ("loss", "lr", "grad_norm", "eval_loss", "seconds")
+            metrics = {k: float(record[k]) for k in keys if record.get(k) is not None}
+            progress.send(TRAIN_EVENT, {"run": str(run_dir), "step": step, "total": total, **metrics})
+            check_interrupt()
+            if step == total:
+                raise _LastStep  # the loop checkpoints the last step, so a later chunk continues from it
+
+        free_comfy_models()
+        bundle = cache.model.bundle
+        stops = (*interrupt_types(), _LastStep)
+        with autograd_on():
+            try:
+                with clean_transformer(bundle.transformer):
+                    return train(cfg, model=bundle, on_step=on_step, interrupt_types=stops, progress=False)
+            except _LastStep:
+                pass
+            # Resume at the last step: the loop runs no step and writes the final adapter and plot.
+            with clean_transformer(bundle.transformer):
+                return train(cfg, model=bundle, interrupt_types=interrupt_types(), progress=False)
+
+    @classmethod
+    def _outputs(cls, cache: CacheHandle, summary: dict[str, Any]) -> io.NodeOutput:
+        model = cache.model
+        handle = AdapterHandle(
+            path=Path(summary["adapter"]),
+            family=model.family,
+            flavour=str(model.keys.get("model_flavour") or ""),
+            steps=int(summary["steps"]),
+            output_dir=Path(summary["output_dir"]),
+            summary=json.loads(json.dumps(summary, default=str)),
+        )
+        plot = Path(summary.get("loss_plot") or "")
+        image = image_tensor(plot) if plot.is_file() else torch.zeros(1, 64, 64, 3)
+        return io.NodeOutput(handle, image, ui=ui.PreviewImage(image, cls=cls))

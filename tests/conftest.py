@@ -1,0 +1,23 @@
+"""Shared fixtures: `comfy`, one real ComfyUI server for the whole test session (tests/comfy_server.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import comfy_server as a plain module
+
+from comfy_server import ComfyServer, comfy_available  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory: pytest.TempPathFactory):
+    """A started ComfyUI with the pack in custom_nodes/tunegraph; skipped when ComfyUI is missing."""
+    if not comfy_available():
+        pytest.skip("no ComfyUI: run `make comfyui` or set COMFYUI_DIR")
+    base = tmp_path_factory.mktemp("comfy-base")
+    server = ComfyServer(base).start()
+    yield server
+    server.stop()
