@@ -86,11 +86,6 @@ def _start_checkpoint(resume_from: AdapterHandle | None) -> str:
     return str(latest) if latest else ""
 
 
-class _LastStep(Exception):
-    """Raised from on_step after the last step: train() then saves a checkpoint there (it writes none
-    at the last step by itself), which `resume_from` of a later TrainLoKr chunk starts from."""
-
-
 class TrainLoKr(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -195,21 +190,19 @@ class TrainLoKr(io.ComfyNode):
             metrics = {k: float(record[k]) for k in keys if record.get(k) is not None}
             progress.send(TRAIN_EVENT, {"run": str(run_dir), "step": step, "total": total, **metrics})
             check_interrupt()
-            if step == total:
-                raise _LastStep  # the loop checkpoints the last step, so a later chunk continues from it
 
         free_comfy_models()
         bundle = cache.model.bundle
-        stops = (*interrupt_types(), _LastStep)
-        with autograd_on():
-            try:
-                with clean_transformer(bundle.transformer):
-                    return train(cfg, model=bundle, on_step=on_step, interrupt_types=stops, progress=False)
-            except _LastStep:
-                pass
-            # Resume at the last step: the loop runs no step and writes the final adapter and plot.
-            with clean_transformer(bundle.transformer):
-                return train(cfg, model=bundle, interrupt_types=interrupt_types(), progress=False)
+        with autograd_on(), clean_transformer(bundle.transformer):
+            # final_checkpoint: a later chunk's `resume_from` continues from this run's last step
+            return train(
+                cfg,
+                model=bundle,
+                on_step=on_step,
+                interrupt_types=interrupt_types(),
+                progress=False,
+                final_checkpoint=True,
+            )
 
     @classmethod
     def _outputs(cls, cache: CacheHandle, summary: dict[str, Any]) -> io.NodeOutput:

@@ -200,6 +200,9 @@ class ComfyServer:
     def free(self) -> None:
         """Drop ComfyUI's cached node outputs (and models) before the next prompt, as a restart would."""
         self.post("/free", {"unload_models": True, "free_memory": True})
+        # /free only sets flags; the prompt worker applies them when it next wakes. A prompt queued
+        # before that would still hit the old cache, so give the (notified) worker a moment.
+        time.sleep(1.5)
 
     def interrupt(self) -> None:
         self.post("/interrupt")

@@ -90,12 +90,15 @@ def _due(step: int, interval: int | None) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def _after_step(run: Run, record: dict[str, Any], metrics: MetricsWriter, evals: EvalSet) -> None:
+def _after_step(
+    run: Run, record: dict[str, Any], metrics: MetricsWriter, evals: EvalSet, final_checkpoint: bool
+) -> None:
     cfg, step = run.cfg, run.step
     if _due(step, cfg.eval_steps_interval) and evals:
         record["eval_loss"] = evals.loss(run)
     metrics.log(step, **record)
-    if _due(step, cfg.checkpoint_step_interval) and step < run.total_steps:
+    last = step >= run.total_steps
+    if (_due(step, cfg.checkpoint_step_interval) and not last) or (last and final_checkpoint):
         save_run_checkpoint(run)
     if _due(step, cfg.validation_step_interval) and not cfg.disable_validation:
         run.validate(step)
@@ -108,10 +111,12 @@ def train(
     on_step: StepCallback | None = None,
     interrupt_types: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
     progress: bool | None = None,
+    final_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Train an adapter as `cfg` says; returns a summary. `on_step(step, total, record)` runs after
     every optimizer step (the nodes' progress bar). An exception of `interrupt_types` (Cancel) saves
-    a checkpoint at the last finished step, then re-raises."""
+    a checkpoint at the last finished step, then re-raises. `final_checkpoint` also checkpoints the
+    last step (SimpleTuner writes only the final adapter there), so a later chunk can continue."""
     run = prepare_run(cfg, model=model)
     evals = EvalSet.build(run)
     started = time.monotonic()
@@ -127,7 +132,7 @@ def train(
                     record = optimizer_step(run)
                     record["seconds"] = time.monotonic() - t0
                     record["epoch"] = run.data.epoch
-                    _after_step(run, record, metrics, evals)
+                    _after_step(run, record, metrics, evals, final_checkpoint)
                     bar.update(loss=record["loss"], lr=record["lr"])
                     if on_step is not None:
                         on_step(run.step, run.total_steps, record)
