@@ -44,20 +44,30 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def test_eval_loss_falls_and_base_is_untouched(demo_config: Path, tmp_path: Path) -> None:
-    cfg = config(demo_config, tmp_path, max_train_steps=40, eval_steps_interval=10)
+    lyco = json.loads((demo_config.parent / "lycoris_config.json").read_text())
+    lyco["apply_preset"]["target_module"] = ["Attention", "FeedForward"]
+    (tmp_path / "lyco.json").write_text(json.dumps(lyco))
+    steps = 60
+    cfg = config(
+        demo_config,
+        tmp_path,
+        max_train_steps=steps,
+        eval_steps_interval=10,
+        lycoris_config=str(tmp_path / "lyco.json"),
+    )
     model = load_model(cfg)
     base = {k: v.clone() for k, v in model.transformer.state_dict().items()}
     summary = train(cfg, model=model, progress=False)
-    assert summary["eval_loss_last"] < 0.95 * summary["eval_loss_first"], summary
+    assert summary["eval_loss_last"] < 0.9 * summary["eval_loss_first"], summary
     # the adapter sits beside the base: the base tensors themselves never change
     after = model.transformer.state_dict()
     changed = [k for k in base if k in after and not torch.equal(base[k], after[k])]
     assert not changed, changed[:5]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
-    assert [x["step"] for x in steps] == list(range(1, 41))
+    assert [x["step"] for x in steps] == list(range(1, 61))
     assert {"loss", "lr", "grad_norm", "seconds"} <= steps[0].keys()
-    assert sum("eval_loss" in x for x in lines) == 5  # step 0 and every 10 steps
+    assert sum("eval_loss" in x for x in lines) == 7  # step 0 and every 10 steps
     assert (tmp_path / "loss.png").stat().st_size > 10_000
 
 
