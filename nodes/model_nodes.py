@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io
 
 from ..trainer.config import TrainConfig
+from ..trainer.config_keys import PRECISIONS as PRECISION_NAMES
 from ..trainer.errors import ConfigError
 from ..trainer.models import FAMILIES, load_model
+from ..trainer.quantize import quantize_model
 from . import paths
 from .handles import TrainingModel
 from .runtime import autograd_on, torch_device
@@ -17,7 +20,7 @@ from .sockets import CATEGORY, ModelSocket
 
 FLAVOURS = sorted({f for fam in FAMILIES.values() for f in fam.flavours})
 PRECISIONS = {"bf16": (torch.bfloat16, "bf16"), "fp32": (torch.float32, "no")}
-QUANT_PRECISIONS = ["no_change", "int8-quanto", "int8-torchao", "nf4-bnb", "int4-quanto", "fp8-quanto"]
+QUANT_PRECISIONS = list(PRECISION_NAMES)
 
 
 def model_keys(family: str, flavour: str, folder: str, precision: str) -> dict:
@@ -84,17 +87,23 @@ class QuantizeModel(io.ComfyNode):
             node_id="TuneGraphQuantizeModel",
             display_name="Quantize Model",
             category=CATEGORY,
-            description="Quantise the base transformer for low-VRAM training. Only 'no_change' works in this "
-            "version; the quantisation backends land with their own release.",
+            description="Quantise the base transformer for low-VRAM training (the adapter trains in LyCORIS "
+            "bypass mode on top). Works on a copy, so the loader's cached model stays as loaded; use the "
+            "adapter later on a base of the same precision.",
             inputs=[ModelSocket.Input("model"), io.Combo.Input("precision", options=QUANT_PRECISIONS)],
             outputs=[ModelSocket.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model: TrainingModel, precision: str) -> io.NodeOutput:
-        if precision != "no_change":
-            raise ConfigError(
-                f"QuantizeModel: precision '{precision}' is not available in this TuneGraph version yet; "
-                "use 'no_change' (or remove the node) and train in bf16"
-            )
-        return io.NodeOutput(model)
+        if precision == "no_change":
+            return io.NodeOutput(model)
+        keys = {**model.keys, "base_model_precision": precision}
+        cfg = TrainConfig.from_dict(
+            {**keys, "base_model_default_dtype": "fp32" if model.bundle.dtype == torch.float32 else "bf16"},
+            source="QuantizeModel",
+        )
+        with autograd_on():  # a copy made under ComfyUI's inference mode could never be trained
+            bundle = copy.deepcopy(model.bundle)  # ComfyUI caches the loader's output: never change it
+            quantize_model(bundle, cfg)
+        return io.NodeOutput(TrainingModel(bundle, keys, f"{model.fingerprint};{precision}"))

@@ -62,6 +62,8 @@ def training_keys(v: dict[str, Any]) -> dict[str, Any]:
         "flow_schedule_shift": v["flow_schedule_shift"] or None,
         "flux_guidance_value": v["flux_guidance_value"],
         "checkpoint_step_interval": v["checkpoint_interval"] or None,
+        "eval_steps_interval": v["eval_interval"] or None,
+        "eval_timesteps": 8,  # fixed sigmas per eval item: enough for a steady curve, cheap next to training
         "checkpoints_total_limit": 3,
         "use_ema": v["use_ema"],
         "seed": v["seed"],
@@ -116,6 +118,13 @@ class TrainLoKr(io.ComfyNode):
                 ),
                 io.Float.Input("flux_guidance_value", default=1.0, min=0.0, max=20.0, step=0.1),
                 io.Int.Input("checkpoint_interval", default=250, min=0, max=1_000_000, tooltip="0 = off"),
+                io.Int.Input(
+                    "eval_interval",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="stable eval loss every N steps; 0 = off",
+                ),
                 io.Boolean.Input("use_ema", default=False),
                 io.Int.Input("seed", default=42, min=0, max=2**31 - 1),
                 io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.01),

@@ -80,7 +80,7 @@ def test_model_attributes(model):
     assert (model.family, model.flavour, model.default_shift) == ("hidream", "tiny", 3.0)
     assert len(model.text_encoders) == 4 and len(model.tokenizers) == 4
     assert "HiDreamAttention" in {type(m).__name__ for m in model.transformer.modules()}
-    assert model.attention_classes == ["HiDreamAttention"]
+    assert model.lycoris_attention_classes == ["HiDreamAttention"]
     assert model.noise_scheduler.config.shift == 3.0 and not model.noise_scheduler.config.use_dynamic_shifting
     assert (model.max_sequence_length, model.clip_max_length) == (32, 32)
     assert model.cached_llama_layers == [1, 2] and model.llama_layers == [1, 2, 2]

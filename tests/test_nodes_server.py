@@ -135,6 +135,26 @@ def test_tiny_training_workflow_trains_validates_and_saves(comfy) -> None:
     assert progress_values(changed, TRAIN_NODE)[0] == 1
 
 
+def test_quantized_base_trains_and_records_its_precision(comfy) -> None:
+    wf = tiny(steps=3, output_name="quant_run", checkpoint_interval=0)
+    wf["7"]["inputs"]["name"] = "quant_run"
+    wf["20"] = {
+        "class_type": "TuneGraphQuantizeModel",
+        "inputs": {"model": ["2", 0], "precision": "int8-quanto"},
+    }
+    for node in wf.values():  # everything that took the loaded model now takes the quantised one
+        for key, value in node["inputs"].items():
+            if value == ["2", 0] and node is not wf["20"]:
+                node["inputs"][key] = ["20", 0]
+    messages = comfy.run(wf, 240)
+    assert outcome(messages)["type"] == "execution_success", outcome(messages)["data"].get(
+        "exception_message"
+    )
+    lora = comfy.base_dir / "models" / "loras" / "tunegraph" / "quant_run.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["base_precision"] == "int8-quanto"
+
+
 @pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*/tiny_*.api.json")), ids=lambda p: p.stem)
 def test_every_tiny_api_workflow_runs(comfy, path: Path) -> None:
     messages = comfy.run(json.loads(path.read_text()), 300)

@@ -14,6 +14,7 @@ or, instead of adapter_meta.json, a state.json whose "adapter_meta" is
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
+from ..quantize import module_precision
 from .base import Adapter
 from .files import read_adapter_metadata, read_adapter_tensors, write_adapter_file
 from .lora import PREFIX, load_lora_file, lora_file_metadata, lora_file_tensors
@@ -30,6 +32,7 @@ from .lycoris import load_lycoris_file, lycoris_file_metadata, lycoris_file_tens
 STATE_FILE = "adapter.safetensors"
 META_FILE = "adapter_meta.json"
 RUN_STATE_FILE = "state.json"  # the training loop's checkpoint state; its "adapter_meta" works too
+log = logging.getLogger("tunegraph")
 RUN_KEYS = ("family", "flavour", "base_precision", "step", "config_hash")
 
 
@@ -48,9 +51,28 @@ def load_adapter_file(path: str | Path, transformer: torch.nn.Module) -> Adapter
     LoRA via diffusers' load_lora_adapter) so it reproduces the trained model's outputs."""
     metadata = read_adapter_metadata(path)
     tensors = read_adapter_tensors(path)
+    warn_precision_mismatch(path, metadata, transformer)
     if detect_kind(tensors, metadata) == "lycoris":
         return load_lycoris_file(tensors, transformer, metadata)
     return load_lora_file(tensors, transformer, metadata)
+
+
+def warn_precision_mismatch(path: str | Path, metadata: dict[str, str], transformer: torch.nn.Module) -> bool:
+    """Warn (and return True) when the file was trained on another base precision than `transformer`
+    has: an adapter learns its base's quantisation error, so it is best used on the same precision."""
+    trained = metadata.get("base_precision")
+    here = module_precision(transformer)
+    if not trained or trained == here:
+        return False
+    log.warning(
+        "%s was trained on a %s base, but is being applied to a %s base; outputs will differ from "
+        "training. Load the base with base_model_precision=%s to match.",
+        path,
+        trained,
+        here,
+        trained,
+    )
+    return True
 
 
 def adapter_meta(adapter: Adapter, metadata: dict[str, Any] | None = None) -> dict[str, Any]:

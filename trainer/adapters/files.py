@@ -27,12 +27,15 @@ from ..errors import TrainingError
 FORMAT_VERSION = "1"
 
 
-def run_metadata(cfg: Any, step: int, config_hash: str | None = None) -> dict[str, str]:
-    """The run facts every exported file carries: family, flavour, base precision, step, config hash."""
+def run_metadata(
+    cfg: Any, step: int, config_hash: str | None = None, base_precision: str | None = None
+) -> dict[str, str]:
+    """The run facts every exported file carries: family, flavour, base precision (as quantised, else
+    as the config says), step, config hash."""
     return {
         "family": str(getattr(cfg, "model_family", None) or ""),
         "flavour": str(getattr(cfg, "model_flavour", None) or ""),
-        "base_precision": str(getattr(cfg, "base_model_precision", None) or "no_change"),
+        "base_precision": base_precision or str(getattr(cfg, "base_model_precision", None) or "no_change"),
         "step": str(int(step)),
         "config_hash": config_hash if config_hash is not None else _hash_of(cfg),
     }

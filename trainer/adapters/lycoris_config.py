@@ -91,17 +91,27 @@ def _check_preset(preset: Any, where: str) -> dict[str, Any]:
     return preset
 
 
+# Quantised Linear classes (optimum-quanto, bitsandbytes): "Linear" in a preset means them too.
+QUANT_LINEAR_CLASSES = ("QLinear", "Linear4bit", "Linear8bitLt")
+
+
 def resolve_preset(preset: dict[str, Any], model: torch.nn.Module, attn_classes: list[str]) -> dict[str, Any]:
-    """Replace "Attention" by the family's attention classes (kept too if a class is really named so).
+    """Replace "Attention" by the family's attention classes (kept too if a class is really named so)
+    and "Linear" by Linear plus the quantised Linear classes present.
 
     A preset without `target_module` targets no class by itself: lycoris' class default (every
     Linear) would otherwise make a name_algo_map-only preset wrap the whole model, not the names.
+    No preset on a quantised model means lycoris' default classes, quantised Linear ones included.
     """
-    if not preset:
-        return {}
     present = set(module_classes(model))
+    quant = [c for c in QUANT_LINEAR_CLASSES if c in present]
+    linears = (["Linear"] if "Linear" in present or not quant else []) + quant
+    if not preset:
+        return {"target_module": linears} if quant else {}
 
     def expand(name: str) -> list[str]:
+        if name == "Linear":
+            return linears
         if name != "Attention":
             return [name]
         return list(attn_classes) + (["Attention"] if "Attention" in present else [])

@@ -16,6 +16,7 @@ from ..adapters.files import run_metadata
 from ..cache.build import build_training_data
 from ..errors import TrainingError
 from ..models import load_model
+from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, clip_gradients
@@ -108,6 +109,7 @@ def prepare_run(cfg, model=None) -> Run:
     if model is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(cfg, device=device, dtype=_weight_dtype(cfg))
+    quantize_model(model, cfg)  # before caching: quantised text encoders change the embeddings
     data = build_training_data(cfg, model)
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
@@ -132,6 +134,11 @@ def prepare_run(cfg, model=None) -> Run:
     return run
 
 
+def _metadata(run: Run) -> dict[str, str]:
+    """Run facts for adapter files; base_precision is read from the transformer actually trained."""
+    return run_metadata(run.cfg, run.step, base_precision=module_precision(run.model.transformer))
+
+
 def save_run_checkpoint(run: Run) -> Path:
     """Write checkpoint-<step>: adapter, optimizer, scheduler, EMA, RNG, data position."""
     tensors = {"adapter.safetensors": run.adapter.state_dict()}
@@ -141,7 +148,7 @@ def save_run_checkpoint(run: Run) -> Path:
         "step": run.step,
         "data": run.data.state_dict(),
         "config_hash": run.cfg.config_hash(),
-        "adapter_meta": {**run_metadata(run.cfg, run.step), **run.adapter.file_metadata()},
+        "adapter_meta": {**_metadata(run), **run.adapter.file_metadata()},
     }
     path = save_checkpoint(
         run.output_dir,
@@ -186,7 +193,7 @@ def save_final(run: Run) -> dict[str, Any]:
     from .metrics import read_metrics
     from .plot import plot_loss
 
-    meta = run_metadata(run.cfg, run.step)
+    meta = _metadata(run)
     adapter_path = run.adapter.save(run.output_dir / FINAL_NAME, meta)
     summary: dict[str, Any] = {
         "output_dir": str(run.output_dir),
