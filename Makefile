@@ -30,8 +30,11 @@ $(COMFY_DIR)/.stamp: $(VENV)/.stamp
 	$(PIP) install -c requirements-dev.txt -r .comfyui/requirements.txt requests
 	touch $@
 
-demo: venv
-	$(VENV)/bin/tunegraph demo --out output/demo
+# The tiny Flux LoKr trained through a headless ComfyUI's HTTP API (the bundled tiny workflow).
+# lr 1e-2: high for a real model, but the tiny random one needs it to move visibly in 150 steps.
+demo: venv comfyui
+	COMFYUI_DIR=$${COMFYUI_DIR:-$(CURDIR)/$(COMFY_DIR)} $(PY) -m tunegraph.nodes.demo_server \
+		--out output/demo --steps 150 --learning-rate 1e-2
 
 test: venv comfyui
 	$(VENV)/bin/ruff check .

@@ -74,12 +74,16 @@ def queue_and_wait(url: str, workflow: dict, timeout: float = 1800) -> dict:
     raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
 
-def run_demo(out: Path, comfy_dir: Path, steps: int | None = None) -> dict[str, Any]:
+def run_demo(
+    out: Path, comfy_dir: Path, steps: int | None = None, learning_rate: float | None = None
+) -> dict[str, Any]:
     out = out.resolve()
     base = out / "comfyui-base"
     workflow = json.loads(WORKFLOW.read_text())
     if steps:
         workflow["5"]["inputs"]["steps"] = steps
+    if learning_rate:
+        workflow["5"]["inputs"]["learning_rate"] = learning_rate
     port = _free_port()
     proc = start_comfyui(comfy_dir, base, port, out / "comfyui.log")
     try:
@@ -119,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         "--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_DIR", ROOT / ".comfyui/ComfyUI"))
     )
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None)
     args = parser.parse_args(argv)
-    summary = run_demo(args.out, args.comfyui, args.steps)
+    summary = run_demo(args.out, args.comfyui, args.steps, args.learning_rate)
     print(f"trained through ComfyUI's API in {summary['seconds']} s")
     print(
         f"adapter:   {summary['adapter']}\nloss plot: {summary['loss_plot']}\nimages:    {', '.join(summary['images'])}"
