@@ -152,3 +152,18 @@ class ModelBundle:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(flavour={self.flavour!r}, device={self.device}, dtype={self.dtype})"
+
+
+def place_module(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    # Pass dtype to .to() only when it changes: diffusers warns on every dtype cast otherwise.
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device=device)
+
+
+def batch_like(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    raise ValueError(f"prompt embeddings have batch {tensor.shape[0]}, latents have batch {batch}")

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..errors import ConfigError
-from .base import ModelBundle
+from .base import ModelBundle, batch_like, place_module
 from .loading import ModelSource, component_folder, load_component, quiet_progress, read_model_index
 from .tiny import tiny_flux_parts
 
@@ -122,7 +122,7 @@ class FluxModel(ModelBundle):
             )
         cls._apply_overrides(parts, source, dtype)
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-            parts[name] = _place(parts[name], device, dtype)
+            parts[name] = place_module(parts[name], device, dtype)
         return cls(
             flavour=flavour,
             transformer=parts["transformer"],
@@ -221,8 +221,8 @@ class FluxModel(ModelBundle):
                 f"16 px), got {tuple(noisy_latents.shape)}"
             )
         dev, dt = self.device, self.dtype
-        text = _batch(embeds["prompt_embeds"], b).to(dev, dt)
-        pooled = _batch(embeds["pooled_prompt_embeds"], b).to(dev, dt)
+        text = batch_like(embeds["prompt_embeds"], b).to(dev, dt)
+        pooled = batch_like(embeds["pooled_prompt_embeds"], b).to(dev, dt)
         timestep = sigmas.to(dev, dt).reshape(-1).expand(b)
         if self.guidance_embeds:
             guidance = torch.full((b,), self.default_guidance) if guidance is None else guidance
@@ -248,7 +248,7 @@ class FluxModel(ModelBundle):
         mask = embeds.get("prompt_attention_mask")
         if not self.mask_text_padding or mask is None:
             return None
-        text_mask = _batch(mask, batch).to(self.device).bool()
+        text_mask = batch_like(mask, batch).to(self.device).bool()
         full = torch.cat([text_mask, text_mask.new_ones(batch, image_tokens)], dim=1)
         return {"attention_mask": full[:, None, None, :]}  # text tokens come first in joint attention
 
@@ -279,18 +279,3 @@ class FluxModel(ModelBundle):
         index[MARKER_KEY] = {"family": self.family, "flavour": self.flavour}
         index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return directory
-
-
-def _place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-    # Pass dtype to .to() only when it changes: diffusers warns on every dtype cast otherwise.
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype=dtype)
-    return module.to(device=device)
-
-
-def _batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    if tensor.shape[0] == batch:
-        return tensor
-    if tensor.shape[0] == 1:
-        return tensor.expand(batch, *tensor.shape[1:])
-    raise ValueError(f"prompt embeddings have batch {tensor.shape[0]}, latents have batch {batch}")

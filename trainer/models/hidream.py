@@ -45,7 +45,7 @@ from transformers import (
 )
 
 from ..errors import ConfigError
-from .base import ModelBundle
+from .base import ModelBundle, batch_like, place_module
 from .loading import ModelSource, component_folder, load_component, quiet_progress, read_model_index
 from .tiny_hidream import hidream_scheduler, tiny_hidream_parts
 
@@ -144,7 +144,7 @@ class HiDreamModel(ModelBundle):
         _apply_overrides(parts, source, dtype)
         encoders = ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"]
         for name in ["transformer", "vae", *encoders]:
-            parts[name] = _place(parts[name], device, dtype)
+            parts[name] = place_module(parts[name], device, dtype)
         return cls(
             flavour=flavour,
             transformer=parts["transformer"],
@@ -210,7 +210,7 @@ class HiDreamModel(ModelBundle):
         b, c, h, w = noisy_latents.shape
         self._check_latents(noisy_latents.shape)
         dev, dt = self.device, self.dtype
-        llama = _batch(embeds["llama_prompt_embeds"], b).to(dev, dt)
+        llama = batch_like(embeds["llama_prompt_embeds"], b).to(dev, dt)
         llama_by_layer = {layer: llama[:, i] for i, layer in enumerate(self.cached_llama_layers)}
         for m in self._moe_layers:  # the differentiable MoE path, whatever train/eval mode says
             m.training, m._force_inference_output = True, False
@@ -220,9 +220,9 @@ class HiDreamModel(ModelBundle):
             out = self.transformer(
                 hidden_states=noisy_latents.to(dev, dt),
                 timesteps=sigmas.to(dev, torch.float32).reshape(-1).expand(b) * 1000,  # fp32, as the pipeline
-                encoder_hidden_states_t5=_batch(embeds["t5_prompt_embeds"], b).to(dev, dt),
+                encoder_hidden_states_t5=batch_like(embeds["t5_prompt_embeds"], b).to(dev, dt),
                 encoder_hidden_states_llama3=llama_by_layer,
-                pooled_embeds=_batch(embeds["pooled_prompt_embeds"], b).to(dev, dt),
+                pooled_embeds=batch_like(embeds["pooled_prompt_embeds"], b).to(dev, dt),
                 return_dict=False,
             )[0]
         finally:
@@ -380,17 +380,3 @@ def _apply_overrides(parts: dict[str, Any], source: ModelSource, dtype: torch.dt
     if (root := source.folder(key)) is not None:
         folder = component_folder(root, "vae", key, source.origin)
         parts["vae"] = load_component(AutoencoderKL, folder, dtype, key, source.origin)
-
-
-def _place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-    if next(module.parameters()).dtype != dtype:  # diffusers warns on every no-op dtype cast
-        module = module.to(dtype=dtype)
-    return module.to(device=device)
-
-
-def _batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    if tensor.shape[0] == batch:
-        return tensor
-    if tensor.shape[0] == 1:
-        return tensor.expand(batch, *tensor.shape[1:])
-    raise ValueError(f"prompt embeddings have batch {tensor.shape[0]}, latents have batch {batch}")
