@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 COMFY_VERSION := 2.22.2
 COMFY_DIR := .comfyui/ComfyUI
 
-.PHONY: demo test lint venv comfyui clean
+.PHONY: demo test lint venv comfyui browser-deps clean
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml requirements-dev.txt
@@ -36,7 +36,15 @@ demo: venv comfyui
 	COMFYUI_DIR=$${COMFYUI_DIR:-$(CURDIR)/$(COMFY_DIR)} $(PY) -m tunegraph.nodes.demo_server \
 		--out output/demo --steps 150 --learning-rate 1e-2
 
-test: venv comfyui
+# The web panel's browser test: Debian chromium (CI runs as root) and npm playwright-core.
+browser-deps: node_modules/.stamp
+node_modules/.stamp: package.json package-lock.json
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	npm ci --no-audit --no-fund
+	touch $@
+
+test: venv comfyui browser-deps
 	$(VENV)/bin/ruff check .
 	COMFYUI_DIR=$${COMFYUI_DIR:-$(CURDIR)/$(COMFY_DIR)} $(PY) -m pytest -q
 

@@ -7,7 +7,10 @@ from comfy_api.latest import ComfyExtension, io
 from .adapter_nodes import ApplyAdapter, SaveAdapter
 from .bridge_nodes import DecodeLatents, EncodePrompt, ToComfyModel
 from .data_nodes import CacheLatents, DemoDataset, LoadDatasetBackend
+from .guider_nodes import AdaptiveGuider
+from .loader_nodes import LoadDiffusionModel
 from .model_nodes import LoadTrainingModel, QuantizeModel
+from .plot_nodes import PlotLoss
 from .sample_nodes import ValidateSamples
 from .train_nodes import TrainLoKr
 
@@ -24,9 +27,16 @@ NODES: list[type[io.ComfyNode]] = [
     ToComfyModel,
     EncodePrompt,
     DecodeLatents,
+    AdaptiveGuider,
+    LoadDiffusionModel,
+    PlotLoss,
 ]
 
 
 class TuneGraphExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .web_routes import register
+
+        # ComfyUI 0.3.75 never calls on_load; this runs before the server adds its route table
+        register()  # the web panel's routes (once per server)
         return list(NODES)

@@ -63,7 +63,14 @@ class LoadTrainingModel(io.ComfyNode):
                 io.Combo.Input("model_flavour", options=FLAVOURS, default="tiny"),
                 io.String.Input("diffusers_folder", default="", tooltip="empty for flavour 'tiny'"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="bf16"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="weights of the tiny flavour"),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=True,
+                    tooltip="weights of the tiny flavour",
+                ),
             ],
             outputs=[ModelSocket.Output(display_name="model")],
         )

@@ -49,7 +49,7 @@ class ValidateSamples(io.ComfyNode):
                 io.Float.Input("guidance", default=3.0, min=0.0, max=30.0, step=0.1),
                 io.Float.Input("guidance_real", default=1.0, min=1.0, max=30.0, step=0.1),
                 io.Int.Input("no_cfg_steps", default=2, min=0, max=500),
-                io.Int.Input("seed", default=42, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True),
                 AdapterSocket.Input("adapter", optional=True),
             ],
             outputs=[io.Image.Output(display_name="images")],

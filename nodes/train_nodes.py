@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from comfy_api.latest import io, ui
 from PIL import Image
 
 from ..trainer.adapters.lycoris_config import read_lycoris_config
-from ..trainer.training.checkpoint import find_latest_checkpoint
+from ..trainer.training.checkpoint import find_latest_checkpoint, list_checkpoints
+from ..trainer.training.distributed import TrainingProcesses
 from ..trainer.training.loop import train
 from ..trainer.training.optim import OPTIMIZERS
 from . import paths
@@ -27,6 +29,7 @@ from .run_config import (
     load_run_config,
     write_run_config,
 )
+from .run_control import CONTROL, RUN_EVENT, apply_requests, web_run_id
 from .runtime import TRAIN_EVENT, Progress, autograd_on, check_interrupt, free_comfy_models, interrupt_types
 from .sockets import CATEGORY, AdapterSocket, CacheSocket
 
@@ -126,7 +129,7 @@ class TrainLoKr(io.ComfyNode):
                     tooltip="stable eval loss every N steps; 0 = off",
                 ),
                 io.Boolean.Input("use_ema", default=False),
-                io.Int.Input("seed", default=42, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True),
                 io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.01),
                 io.String.Input(
                     "lycoris_config_file", default="", tooltip="a lycoris_config.json instead of the widgets"
@@ -146,6 +149,15 @@ class TrainLoKr(io.ComfyNode):
                 ),
                 AdapterSocket.Input(
                     "resume_from", optional=True, tooltip="continue a previous TrainLoKr run (chunks)"
+                ),
+                io.Int.Input(
+                    "processes",
+                    default=1,
+                    min=1,
+                    max=64,
+                    optional=True,
+                    tooltip="1 = train inside ComfyUI; N > 1 = N training processes (one per GPU, DDP) "
+                    "started beside ComfyUI; global batch = train_batch_size x N x accumulation",
                 ),
             ],
             outputs=[AdapterSocket.Output(display_name="adapter"), io.Image.Output(display_name="loss_plot")],
@@ -186,32 +198,88 @@ class TrainLoKr(io.ComfyNode):
             ):  # a chunk starts from a copy of the previous chunk's last checkpoint
                 shutil.copytree(start, run_dir / Path(start).name, dirs_exist_ok=True)
             cfg = load_run_config(config_path)
-            summary = cls._train(cfg, cache, run_dir)
+            processes = int(v.get("processes") or 1)
+            if processes > 1:
+                summary = cls._train_processes(cfg, config_path, run_dir, processes)
+            else:
+                summary = cls._train(cfg, cache, run_dir)
         return cls._outputs(cache, summary)
 
     @classmethod
     def _train(cls, cfg, cache: CacheHandle, run_dir: Path) -> dict[str, Any]:
         progress = Progress(cfg.max_train_steps, cls.hidden.unique_id)
+        run_id = web_run_id(run_dir)
+        event = {"run": str(run_dir), "run_id": run_id}
+        samples = int(cfg.train_batch_size) * int(cfg.gradient_accumulation_steps)
 
         def on_step(step: int, total: int, record: dict[str, Any]) -> None:
             progress.update(step, total, text=f"step {step}/{total}  loss {record['loss']:.4f}")
             keys = ("loss", "lr", "grad_norm", "eval_loss", "seconds")
             metrics = {k: float(record[k]) for k in keys if record.get(k) is not None}
-            progress.send(TRAIN_EVENT, {"run": str(run_dir), "step": step, "total": total, **metrics})
+            progress.send(TRAIN_EVENT, {**event, "step": step, "total": total, "samples": samples, **metrics})
             check_interrupt()
+
+        def control(run) -> bool:  # the web panel's buttons, between steps
+            send = lambda data: progress.send(RUN_EVENT, {**event, "total": run.total_steps, **data})  # noqa: E731
+            return apply_requests(run, CONTROL.take(run_id), send)
 
         free_comfy_models()
         bundle = cache.model.bundle
-        with autograd_on(), clean_transformer(bundle.transformer):
+        running = CONTROL.running(
+            run_id, node=cls.hidden.unique_id, run=str(run_dir), total=cfg.max_train_steps
+        )
+        with autograd_on(), clean_transformer(bundle.transformer), running:
             # final_checkpoint: a later chunk's `resume_from` continues from this run's last step
-            return train(
+            summary = train(
                 cfg,
                 model=bundle,
                 on_step=on_step,
                 interrupt_types=interrupt_types(),
                 progress=False,
                 final_checkpoint=True,
+                control=control,
             )
+        progress.send(RUN_EVENT, {**event, "action": "finished", "step": summary["steps"]})
+        return summary
+
+    @classmethod
+    def _train_processes(cls, cfg, config_path: Path, run_dir: Path, processes: int) -> dict[str, Any]:
+        """processes > 1: torchrun runs the trainer CLI on this run's config.json (never a second
+        ComfyUI); progress comes from its metrics.jsonl, Cancel stops every rank after a checkpoint."""
+        progress = Progress(cfg.max_train_steps, cls.hidden.unique_id)
+        samples = int(cfg.train_batch_size) * int(cfg.gradient_accumulation_steps) * processes  # global batch
+        event = {
+            "run": str(run_dir),
+            "run_id": web_run_id(run_dir),
+            "processes": processes,
+            "samples": samples,
+        }
+        free_comfy_models()
+        done = list_checkpoints(run_dir)  # the config resumes from the latest one
+        group = TrainingProcesses(config_path, processes, run_dir, resume_step=done[-1][0] if done else 0)
+        group.start()
+        try:
+            while True:
+                done = not group.running()
+                for r in group.new_records():
+                    step, total = int(r["step"]), cfg.max_train_steps
+                    progress.update(
+                        step, total, text=f"step {step}/{total}  loss {r['loss']:.4f}  x{processes}"
+                    )
+                    metrics = {
+                        k: float(r[k]) for k in ("loss", "lr", "grad_norm", "seconds") if r.get(k) is not None
+                    }
+                    progress.send(TRAIN_EVENT, {**event, "step": step, "total": total, **metrics})
+                if done:
+                    break
+                check_interrupt()
+                time.sleep(0.25)
+        except BaseException:
+            group.stop()  # Cancel (or any error here): the ranks checkpoint and exit
+            raise
+        summary = group.result()
+        progress.send(RUN_EVENT, {**event, "action": "finished", "step": summary["steps"]})
+        return summary
 
     @classmethod
     def _outputs(cls, cache: CacheHandle, summary: dict[str, Any]) -> io.NodeOutput:

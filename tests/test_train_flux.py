@@ -225,6 +225,21 @@ def test_validation_images_and_real_cfg(demo_config: Path, tmp_path: Path) -> No
         no_cfg_steps=2,
     )
     assert images[0].size == (96, 64) and cfg_steps == 3
+    # validation_adaptive_cfg_threshold: CFG switches off once cond and uncond agree (AdaptiveGuider's rule)
+    _, adaptive_steps = sample_images(
+        model,
+        ["x"],
+        "blurry",
+        width=96,
+        height=64,
+        steps=5,
+        guidance=1.0,
+        seed=1,
+        guidance_real=3.0,
+        no_cfg_steps=2,
+        cfg_threshold=0.0,
+    )
+    assert 1 <= adaptive_steps < cfg_steps
 
 
 def test_sampler_matches_flux_pipeline(demo_config: Path) -> None:

@@ -1,4 +1,4 @@
-"""`tunegraph` command line: train | cache | validate | export | demo | tiny-models.
+"""`tunegraph` command line: train | cache | validate | export | demo | tiny-models | bench.
 
 Every command takes `--json`: a machine-readable summary is then the last line of stdout. Logs and
 progress bars go to stderr.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,15 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Also under `torchrun --nproc_per_node N -m tunegraph.trainer.cli train ...` (one rank each)."""
+    from .training.distributed import graceful_signals, teardown
     from .training.loop import train
 
-    return train(_config(args))
+    try:
+        with graceful_signals():  # SIGTERM/SIGINT: stop after the step, checkpoint, exit 130
+            return train(_config(args), final_checkpoint=args.final_checkpoint)
+    finally:
+        teardown()
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,10 +64,24 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> dict[str, Any]:
-    from .commands.tiny_models import write_tiny_models
+    from .commands.tiny_models import write_comfyui_models, write_tiny_models
+    from .errors import ConfigError
 
-    written = write_tiny_models(Path(args.out), families=tuple(args.family), seed=args.seed)
-    return {name: str(path) for name, path in written.items()}
+    if args.out is None and args.comfyui is None:
+        raise ConfigError("tiny-models: give --out DIR, --comfyui COMFYUI_DIR, or both")
+    written = {}
+    if args.out is not None:
+        written = write_tiny_models(Path(args.out), families=tuple(args.family), seed=args.seed)
+    summary = {name: str(path) for name, path in written.items()}
+    if args.comfyui is not None:
+        summary["comfyui"] = write_comfyui_models(Path(args.comfyui), tuple(args.family), args.seed)
+    return summary
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench.command import cmd_bench as run
+
+    return run(args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
             )
         return sp
 
-    add("train", cmd_train, "train an adapter from a SimpleTuner config.json", config=True)
+    sp = add("train", cmd_train, "train an adapter from a SimpleTuner config.json", config=True)
+    sp.add_argument(
+        "--final-checkpoint", action="store_true", help="also checkpoint the last step (to continue it later)"
+    )
     add("cache", cmd_cache, "build the VAE-latent and text-embed caches for a config", config=True)
     sp = add("validate", cmd_validate, "render validation images for a config (and an adapter)", config=True)
     sp.add_argument("--adapter", help="adapter .safetensors (default: the config's output_dir final file)")
@@ -90,9 +114,16 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
     sp.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     sp = add("tiny-models", cmd_tiny_models, "write the tiny models as diffusers folders")
-    sp.add_argument("--out", required=True, help="folder to write <family>/ model folders into")
+    sp.add_argument("--out", help="folder to write <family>/ model folders into")
+    sp.add_argument("--comfyui", metavar="DIR", help="also write them into this ComfyUI's models/ folders")
     sp.add_argument("--family", action="append", default=None, help="flux (default) or hidream; repeatable")
     sp.add_argument("--seed", type=int, default=0)
+    sp = add(
+        "bench", cmd_bench, "time our training step against plain diffusers + LyCORIS (GPU; --smoke on CPU)"
+    )
+    from .bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sp)
     return p
 
 
@@ -100,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "family", "absent") is None:
         args.family = ["flux"]
+    rank = int(os.environ.get("RANK", "0") or 0)  # set by torchrun / accelerate launch
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="tunegraph: %(message)s",
+        format=f"tunegraph[rank {rank}]: %(message)s"
+        if "WORLD_SIZE" in os.environ
+        else "tunegraph: %(message)s",
         stream=sys.stderr,
     )
     try:
@@ -112,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"error": str(e)}))
         return 2
-    if args.json:
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; run again to continue from it", file=sys.stderr)
+        return 130
+    if args.json and rank == 0:  # one summary per job, not one per process
         print(json.dumps(summary, default=str))
     return 0
 

@@ -120,6 +120,8 @@ KEYS: dict[str, Key] = {
     "validation_guidance": _k("float", 3.0),
     "validation_guidance_real": _k("float", 1.0),
     "validation_no_cfg_until_timestep": _k("int", 2),
+    # TuneGraph's own: AdaptiveGuider's switch-off (cosine similarity of cond/uncond); 1.0 = plain CFG
+    "validation_adaptive_cfg_threshold": _k("float", 1.0),
     "disable_validation": _k("bool", False),
     "eval_steps_interval": _k("int", None),
     "num_eval_images": _k("int", 4),

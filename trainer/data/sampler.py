@@ -3,7 +3,8 @@
 An epoch is planned from (seed, epoch) alone: every dataset's samples (each image repeats + 1 times)
 are grouped by bucket, shuffled, cut into train_batch_size batches (a remainder that cannot fill a
 batch is dropped), and the datasets' batches are interleaved by drawing a dataset at each step with
-weight `probability` among those with batches left, until all are used. So every epoch has the same
+weight `probability` among those with batches left, until all are used. With N processes (shard()),
+batches are N x train_batch_size and each process loads its own slice. So every epoch has the same
 number of steps (`len(data)`), and `state_dict()` = (epoch, position) is all a resumed run needs to
 continue with exactly the batches an uninterrupted run would have seen.
 
@@ -14,6 +15,7 @@ Each batch: {"latents": Tensor[B, C, h, w], "embeds": {name: Tensor[B, ...]}, "c
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,6 +29,8 @@ from ..errors import DatasetError, TrainingError
 
 if TYPE_CHECKING:  # build.py imports this module to make TrainingData
     from ..cache.build import CachedData
+
+log = logging.getLogger("tunegraph")
 
 Ref = tuple[int, int]  # (dataset index, item index)
 
@@ -44,6 +48,7 @@ class TrainingData:
         self.cached, self.batch_size, self.seed = cached, batch_size, seed
         self.caption_dropout_probability = caption_dropout_probability
         self.epoch, self.position = 0, 0
+        self.rank, self.world_size = 0, 1  # see shard()
         # For validation prompts' <token>: the first training (not regularisation) dataset's prompt.
         specs = sorted((d.spec for d in cached.datasets), key=lambda s: s.is_regularisation_data)
         self.instance_prompt: str | None = next((s.instance_prompt for s in specs if s.instance_prompt), None)
@@ -59,6 +64,20 @@ class TrainingData:
             cached, int(cfg.train_batch_size), int(cfg.seed or 0), float(cfg.caption_dropout_probability or 0)
         )
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Plan global batches of batch_size x world_size; this process loads slice `rank` of each,
+        so the processes together see exactly the batches one process with the global batch would."""
+        self.rank, self.world_size, self._plan = int(rank), int(world_size), None
+        if len(self) == 0:
+            raise DatasetError(
+                f"no dataset can fill a global batch of train_batch_size {self.batch_size} x {world_size} "
+                "processes; raise 'repeats' or lower train_batch_size"
+            )
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
     # -- planning ---------------------------------------------------------------------------------
     def _dataset_batches(self, d: int, epoch: int) -> list[list[Ref]]:
         ds = self.cached.datasets[d]
@@ -70,8 +89,9 @@ class TrainingData:
         for bucket in sorted(buckets):
             refs = buckets[bucket]
             rng.shuffle(refs)
-            full = len(refs) // self.batch_size * self.batch_size
-            batches += [refs[j : j + self.batch_size] for j in range(0, full, self.batch_size)]
+            size = self.global_batch_size
+            full = len(refs) // size * size
+            batches += [refs[j : j + size] for j in range(0, full, size)]
         rng.shuffle(batches)
         return batches
 
@@ -128,6 +148,17 @@ class TrainingData:
         if state.get("seed", self.seed) != self.seed:
             raise TrainingError(f"resume: data seed {state['seed']} differs from this run's seed {self.seed}")
         self.epoch, self.position = epoch, 0
+        saved_steps = int(state.get("steps_per_epoch") or len(self))
+        if saved_steps != len(self):
+            # Another global batch (process count x train_batch_size): continue as far into the epoch.
+            position = min(position * len(self) // saved_steps, len(self))
+            log.warning(
+                "resume: an epoch had %d steps and now has %d (the global batch changed); it continues "
+                "at step %d, with another batch order than the run that saved it",
+                saved_steps,
+                len(self),
+                position,
+            )
         if not 0 <= position <= len(self):
             raise TrainingError(f"resume: data position {position} is outside an epoch of {len(self)} steps")
         self.position = position
@@ -161,7 +192,10 @@ class TrainingData:
     def _load(self, refs: list[Ref], epoch: int, position: int) -> dict:
         rng = _rng(self.seed, epoch, position, "captions")
         items = [(self.cached.datasets[d], self.cached.datasets[d].items[i]) for d, i in refs]
-        captions = [self._caption(rng, item.captions) for _, item in items]
+        captions = [self._caption(rng, item.captions) for _, item in items]  # drawn for the global batch
+        if self.world_size > 1:
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            items, captions = items[mine], captions[mine]
         latents = torch.stack([load_tensors(item.latent_path)["latents"] for _, item in items])
         return {
             "latents": latents,

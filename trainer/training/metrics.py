@@ -88,7 +88,7 @@ class MetricsWriter:
     """Appends metric records to output_dir/metrics.jsonl and mirrors scalars to tensorboard.
 
     `resume_step` is the step training continues from (0 for a fresh run, which also clears a
-    previous run's lines)."""
+    previous run's lines). `enabled=False` (ranks other than 0) writes nothing."""
 
     def __init__(
         self,
@@ -97,13 +97,17 @@ class MetricsWriter:
         run_name: str = "tunegraph",
         *,
         resume_step: int = 0,
+        enabled: bool = True,
     ):
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
         for tracker in parse_report_to(report_to):
             if tracker == "tensorboard":
                 self._tb = self._open_tensorboard(run_name, resume_step)
@@ -131,6 +135,8 @@ class MetricsWriter:
     def log(self, step: int, **values: Any) -> dict[str, Any]:
         """Write one record {"step": step, **values}; numeric values also go to tensorboard."""
         record = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
+        if self._file is None:
+            return record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -140,7 +146,7 @@ class MetricsWriter:
         return record
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self._tb is not None:
             self._tb.flush()

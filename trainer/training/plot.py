@@ -40,8 +40,9 @@ def plot_loss(
     *,
     title: str = "Training loss",
     smoothing: float = 0.9,
+    log_scale: bool = False,
 ) -> Path:
-    """Write the loss plot to `out_png` and return its path."""
+    """Write the loss plot to `out_png` and return its path (`log_scale`: a log y axis)."""
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(9, 5), dpi=110)
@@ -61,6 +62,8 @@ def plot_loss(
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MSE loss (flow matching)")
+    if log_scale and (steps or eval_steps) and min(loss + eval_loss) > 0:
+        ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     if steps or eval_steps:
         ax.legend(loc="upper right")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from ..errors import TrainingError
 from ..models import load_model
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .distributed import Dist, setup, wrap_for_ddp
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .rng import capture_rng_state, make_generator, restore_rng_state, seed_everything
@@ -44,10 +46,25 @@ class Run:
     start_step: int = 0
     resumed_from: Path | None = None
     validation_images: list[str] = field(default_factory=list)
+    dist: Dist = field(default_factory=Dist)
+    ddp: Any = None  # DistributedDataParallel(transformer + adapter) when dist.enabled
+    stop: bool = False  # every rank agreed to stop after this step (a signal reached one of them)
 
     @property
     def device(self) -> torch.device:
         return torch.device(self.model.device)
+
+    def predict(self, xt, sigmas, embeds, guidance) -> torch.Tensor:
+        """The family's predict(), through DDP when several processes train (gradients all-reduced)."""
+        if self.ddp is not None:
+            return self.ddp(xt, sigmas, embeds, guidance)
+        return self.model.predict(xt, sigmas, embeds, guidance)
+
+    def grad_sync(self, last_micro_batch: bool):
+        """DDP all-reduces on the last micro-batch of an accumulated step only."""
+        if self.ddp is None or last_micro_batch:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def mark_step_start(self) -> None:
         """Remember the data position and RNG before a step, so an interrupt mid-step can rewind."""
@@ -80,7 +97,7 @@ class Run:
 def _check_writable(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
+        probe = output_dir / f".write-test-{os.getpid()}"  # one per process: ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -100,17 +117,25 @@ def _weight_dtype(cfg) -> torch.dtype:
     return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
 
 
-def prepare_run(cfg, model=None) -> Run:
-    """Load (or take) the model, build caches and data, attach the adapter, resume if asked."""
+def prepare_run(cfg, model=None, data=None) -> Run:
+    """Load (or take) the model, build caches and data (or take a ready sampler: the benchmark's
+    synthetic batch), attach the adapter, resume if asked.
+    Under torchrun / accelerate launch, joins the process group (see distributed.py)."""
+    dist = setup()
+    if dist.enabled and model is not None:
+        raise TrainingError("a preloaded model cannot be shared by several processes; let each rank load it")
     output_dir = Path(cfg.output_dir)
     _check_writable(output_dir)
     resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     seed_everything(cfg.seed)
     if model is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(cfg, device=device, dtype=_weight_dtype(cfg))
+        model = load_model(cfg, device=dist.device, dtype=_weight_dtype(cfg))
     quantize_model(model, cfg)  # before caching: quantised text encoders change the embeddings
-    data = build_training_data(cfg, model)
+    if data is None:
+        with dist.main_first():  # rank 0 writes the caches, the others then find them
+            data = build_training_data(cfg, model, progress=dist.is_main)
+    if dist.enabled:
+        data.shard(dist.rank, dist.world_size)
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     adapter = attach_adapter(model.transformer, cfg, model)
@@ -128,9 +153,22 @@ def prepare_run(cfg, model=None) -> Run:
         output_dir=output_dir,
         total_steps=total,
         shift=None if cfg.flow_schedule_auto_shift else (cfg.flow_schedule_shift or model.default_shift),
+        dist=dist,
     )
     if resume_path is not None:
         _resume(run, resume_path)
+    if dist.enabled:
+        run.ddp = wrap_for_ddp(model, adapter, dist)
+        log.info(
+            "rank %d of %d on %s: global batch %d = %d per process x %d processes x %d accumulation",
+            dist.rank,
+            dist.world_size,
+            dist.device,
+            data.global_batch_size * cfg.gradient_accumulation_steps,
+            data.batch_size,
+            dist.world_size,
+            cfg.gradient_accumulation_steps,
+        )
     return run
 
 
@@ -139,8 +177,14 @@ def _metadata(run: Run) -> dict[str, str]:
     return run_metadata(run.cfg, run.step, base_precision=module_precision(run.model.transformer))
 
 
-def save_run_checkpoint(run: Run) -> Path:
-    """Write checkpoint-<step>: adapter, optimizer, scheduler, EMA, RNG, data position."""
+def save_run_checkpoint(run: Run, *, barrier: bool = True) -> Path:
+    """Write checkpoint-<step>: adapter, optimizer, scheduler, EMA, RNG, data position. With several
+    processes (all identical) rank 0 writes it and the others wait for it, unless `barrier` is off
+    (an interrupt, where peers may be gone)."""
+    if not run.dist.is_main:
+        if barrier:
+            run.dist.barrier()
+        return run.output_dir / f"checkpoint-{run.step}"
     tensors = {"adapter.safetensors": run.adapter.state_dict()}
     if run.ema is not None:
         tensors["ema.safetensors"] = run.ema.state_dict()
@@ -163,6 +207,8 @@ def save_run_checkpoint(run: Run) -> Path:
         total_limit=run.cfg.checkpoints_total_limit,
     )
     log.info("saved %s", path)
+    if barrier:
+        run.dist.barrier()
     return path
 
 
@@ -193,6 +239,8 @@ def save_final(run: Run) -> dict[str, Any]:
     from .metrics import read_metrics
     from .plot import plot_loss
 
+    if not run.dist.is_main:  # rank 0 writes the files; every rank holds the same adapter
+        return {"output_dir": str(run.output_dir), "steps": run.step, "rank": run.dist.rank}
     meta = _metadata(run)
     adapter_path = run.adapter.save(run.output_dir / FINAL_NAME, meta)
     summary: dict[str, Any] = {

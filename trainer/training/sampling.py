@@ -2,7 +2,9 @@
 
 It follows diffusers' FluxPipeline step for step (same noise, same sigma schedule, same guidance
 embedding), so without real CFG it reproduces the pipeline's images; with `guidance_real > 1` it does
-real CFG with a negative prompt, leaving the first steps without CFG.
+real CFG with a negative prompt through `guidance.adaptive_cfg` (the algorithm ComfyUI's
+AdaptiveGuider node runs): the first steps without CFG, and optionally CFG switched off once cond and
+uncond agree to `cfg_threshold`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from .flow import cfg_active
+from .guidance import AdaptiveCFG, GuidanceStats, adaptive_cfg
 
 
 def _mu(scheduler_config, image_seq_len: int) -> float:
@@ -61,28 +63,32 @@ def sample_latents(
     guidance_real: float = 1.0,
     no_cfg_steps: int = 0,
     shift: float | None = None,
+    cfg_threshold: float = 1.0,
+    uncond_zero_scale: float = 0.0,
+    stats: GuidanceStats | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Sample latents for one batch of prompt embeds; returns (latents, steps that ran real CFG)."""
+    """Sample latents for one batch of prompt embeds; returns (latents, steps that ran real CFG).
+    `stats`, when given, is filled with what the guidance did (evaluations, switch step)."""
     batch = next(iter(embeds.values())).shape[0]
     h, w = 2 * (height // 16), 2 * (width // 16)
     generator = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn((batch, 16, h, w), generator=generator, dtype=torch.float32).to(model.device, model.dtype)
     sigmas = sampling_sigmas(model, h, w, steps, shift)
     g = torch.full((batch,), float(guidance), device=model.device)
-    cfg_steps = 0
+    real = guidance_real if negative_embeds is not None else 1.0
+    settings = AdaptiveCFG(real, cfg_threshold, no_cfg_steps, uncond_zero_scale)
+    stats = stats if stats is not None else GuidanceStats()
+    stats.reset()
     for i in range(steps):
         s = sigmas[i].expand(batch).to(model.device)
-        v = model.predict(x, s, embeds, g)
-        if (
-            negative_embeds is not None
-            and guidance_real > 1
-            and cfg_active(i, steps, no_cfg_until_timestep=no_cfg_steps)
-        ):
-            v_neg = model.predict(x, s, negative_embeds, g)
-            v = v_neg + guidance_real * (v - v_neg)
-            cfg_steps += 1
+
+        def predict(with_uncond: bool, x=x, s=s):
+            cond = model.predict(x, s, embeds, g)
+            return cond, (model.predict(x, s, negative_embeds, g) if with_uncond else None)
+
+        v = adaptive_cfg(settings, stats, float(sigmas[i]), sigmas, predict)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(model.dtype)
-    return x, cfg_steps
+    return x, stats.cfg_steps
 
 
 def sample_images(

@@ -36,6 +36,7 @@ def render_validation(
                 seed=seed,
                 guidance_real=real_cfg,
                 no_cfg_steps=no_cfg_steps,
+                cfg_threshold=cfg.validation_adaptive_cfg_threshold,
                 shift=cfg.flow_schedule_shift,
             )
             path = validation_image_path(output_dir, step, nickname, width, height)
