@@ -146,14 +146,22 @@ def api_summary(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str, t
     }
 
 
+def template_path(ui_path: Path) -> Path:
+    """Where ComfyUI's template browser finds a UI workflow: it lists only `<pack>/example_workflows/
+    *.json` (one level), so each `workflows/<family>/<name>.json` has a copy `<family>-<name>.json`."""
+    return ui_path.parents[2] / "example_workflows" / f"{ui_path.parent.name}-{ui_path.name}"
+
+
 def main(argv: list[str]) -> None:
     object_info = json.loads(Path(argv[0]).read_text())
     for name in argv[1:]:
-        api_path = Path(name)
+        api_path = Path(name).resolve()
         ui_path = api_path.with_name(api_path.name.replace(".api.json", ".json"))
-        ui = api_to_ui(json.loads(api_path.read_text()), object_info)
-        ui_path.write_text(json.dumps(ui, indent=1) + "\n")
-        print(f"wrote {ui_path}")
+        text = json.dumps(api_to_ui(json.loads(api_path.read_text()), object_info), indent=1) + "\n"
+        ui_path.write_text(text)
+        template_path(ui_path).parent.mkdir(exist_ok=True)
+        template_path(ui_path).write_text(text)
+        print(f"wrote {ui_path} and {template_path(ui_path)}")
 
 
 if __name__ == "__main__":

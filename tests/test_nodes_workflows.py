@@ -67,3 +67,16 @@ def test_every_value_fits_the_node_definitions(api_path: Path, object_info: dict
                 assert opts.get("min", value) <= value <= opts.get("max", value), (
                     f"node {nid}: {name}={value}"
                 )
+
+
+def test_template_browser_copies_match(comfy) -> None:
+    """ComfyUI's template browser lists only example_workflows/*.json: every UI workflow is there,
+    byte-identical, and the live server offers it under the pack's name."""
+    from tunegraph.nodes.workflow_ui import template_path
+
+    ui_files = sorted(p for p in (ROOT / "workflows").glob("*/*.json") if not p.name.endswith(".api.json"))
+    assert ui_files
+    for ui in ui_files:
+        assert template_path(ui).read_bytes() == ui.read_bytes(), ui
+    listed = comfy.get("/workflow_templates")["tunegraph"]
+    assert sorted(listed) == sorted(template_path(p).stem for p in ui_files)
