@@ -11,24 +11,15 @@ import subprocess
 import sys
 
 import pytest
-from comfy_server import COMFY_DIR, ROOT, comfy_available
+from comfy_server import COMFY_CHILD_PREAMBLE, COMFY_DIR, ROOT, comfy_available
 
 pytestmark = pytest.mark.skipif(
     not comfy_available(), reason="no ComfyUI: run `make comfyui` or set COMFYUI_DIR"
 )
 
-SCRIPT = r"""
-import json, logging, sys, io
-sys.path.insert(0, sys.argv[1])
-logs = io.StringIO()
-logging.basicConfig(stream=logs, level=logging.WARNING, force=True)
-import torch
-import comfy.options
-comfy.options.enable_args_parsing()
-argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-import comfy.sd
-import comfy.utils
-sys.argv = argv
+SCRIPT = (
+    COMFY_CHILD_PREAMBLE
+    + r"""
 from tunegraph.nodes.adapter_scope import clean_transformer
 from tunegraph.nodes.comfy_model import to_comfy_model
 from tunegraph.trainer.adapters import attach_adapter, load_adapter_file
@@ -77,6 +68,7 @@ lokr_err = (comfy_pred(patched) - ours_lokr).abs().max().item()
 print(json.dumps({"base_err": base_err, "lokr_err": lokr_err, "delta": (ours_lokr - ours).abs().max().item(),
                   "scale": ours.abs().max().item(), "not_loaded": logs.getvalue().count("lora key not loaded")}))
 """
+)
 
 
 def test_comfy_model_matches_trainer_with_and_without_lokr(tmp_path) -> None:

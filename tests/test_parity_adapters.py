@@ -14,24 +14,15 @@ import subprocess
 import sys
 
 import pytest
-from comfy_server import COMFY_DIR, ROOT, comfy_available
+from comfy_server import COMFY_CHILD_PREAMBLE, COMFY_DIR, ROOT, comfy_available
 
 pytestmark = pytest.mark.skipif(
     not comfy_available(), reason="no ComfyUI: run `make comfyui` or set COMFYUI_DIR"
 )
 
-SCRIPT = r"""
-import json, logging, os, sys, io
-sys.path.insert(0, sys.argv[1])
-logs = io.StringIO()
-logging.basicConfig(stream=logs, level=logging.WARNING, force=True)
-import torch
-import comfy.options
-comfy.options.enable_args_parsing()
-argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-import comfy.sd
-import comfy.utils
-sys.argv = argv
+SCRIPT = (
+    COMFY_CHILD_PREAMBLE
+    + r"""
 from tunegraph.nodes.adapter_scope import clean_transformer
 import comfy.model_detection
 from tunegraph.nodes.comfy_model import hidream_llama_stack, load_comfy_unet, to_comfy_model
@@ -116,6 +107,7 @@ for family in families:
                                        "not_loaded": logs.getvalue().count("lora key not loaded") - before}
 print(json.dumps(results))
 """
+)
 
 CASES = [f"{f}/{c}" for f in ("flux", "hidream") for c in ("lokr_full", "lokr_decomposed", "lora")]
 
