@@ -185,7 +185,9 @@ class TrainLoKr(io.ComfyNode):
             config,
             backend_entries(cache.datasets, cache.text_cache_dir),
             lycoris,
-            f"{start}|{cache.model.fingerprint}",
+            # the process count changes the global batch, so it is part of what the run is
+            f"{start}|{cache.model.fingerprint}"
+            + (f"|processes={v['processes']}" if v.get("processes", 1) > 1 else ""),
         )
         done = finished_adapter(run_dir, identity, v["steps"])
         if done is not None:  # the same run finished before (e.g. after a server restart): reuse it

@@ -88,8 +88,7 @@ def optimizer_step(run: Run) -> dict[str, float]:
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update()
-    run.step += 1
-    run._step_start = None  # finished: an interrupt raised after it (on_step) must not rewind it
+    run.end_step()
     total, run.stop = run.dist.step_sync(total, stop_requested())  # all ranks stop after the same step
     return {"loss": total, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
 

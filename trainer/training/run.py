@@ -70,6 +70,11 @@ class Run:
         """Remember the data position and RNG before a step, so an interrupt mid-step can rewind."""
         self._step_start = (self.data.state_dict(), self.generator.get_state())
 
+    def end_step(self) -> None:
+        """Count a finished optimizer step; an interrupt raised after it (on_step) must not rewind it."""
+        self.step += 1
+        self._step_start = None
+
     def rewind_partial_step(self) -> None:
         """Undo a half-done optimizer step's draws (grads dropped) so a checkpoint sits on a boundary."""
         if getattr(self, "_step_start", None) is not None:
