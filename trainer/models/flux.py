@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
-from .loading import ModelSource, component_folder, load_component, quiet_progress, read_model_index
+from .loading import ModelSource, apply_overrides, load_folder_parts, quiet_progress, read_model_index
 from .tiny import tiny_flux_parts
 
 _ATTN = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
@@ -120,7 +120,7 @@ class FluxModel(ModelBundle):
                 f"weights: download {cls.hub_ids.get(flavour, 'the model')} yourself and set the key to the "
                 "local diffusers folder, or use model_flavour 'tiny' for the built-in test model."
             )
-        cls._apply_overrides(parts, source, dtype)
+        apply_overrides(parts, source, dtype, FluxTransformer2DModel)
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
             parts[name] = place_module(parts[name], device, dtype)
         return cls(
@@ -137,7 +137,6 @@ class FluxModel(ModelBundle):
 
     @staticmethod
     def _load_folder(root: Path, dtype: torch.dtype, origin: str) -> dict[str, Any]:
-        key = "pretrained_model_name_or_path"
         classes = {
             "transformer": FluxTransformer2DModel,
             "vae": AutoencoderKL,
@@ -147,28 +146,8 @@ class FluxModel(ModelBundle):
             "tokenizer_2": T5TokenizerFast,
             "scheduler": FlowMatchEulerDiscreteScheduler,
         }
-        parts = {}
-        for name, cls in classes.items():
-            folder = root / name
-            if not folder.is_dir():
-                raise ConfigError(
-                    f"{origin}: key '{key}': {root} has no '{name}/' folder; point the key at a complete "
-                    "local Flux diffusers folder (model_index.json, transformer/, vae/, text_encoder/, ...)."
-                )
-            torch_dtype = dtype if name in ("transformer", "vae", "text_encoder", "text_encoder_2") else None
-            parts[name] = load_component(cls, folder, torch_dtype, key, origin)
-        return parts
-
-    @staticmethod
-    def _apply_overrides(parts: dict[str, Any], source: ModelSource, dtype: torch.dtype) -> None:
-        key = "pretrained_transformer_model_name_or_path"
-        if (root := source.folder(key)) is not None:
-            folder = component_folder(root, source.pretrained_transformer_subfolder, key, source.origin)
-            parts["transformer"] = load_component(FluxTransformer2DModel, folder, dtype, key, source.origin)
-        key = "pretrained_vae_model_name_or_path"
-        if (root := source.folder(key)) is not None:
-            folder = component_folder(root, "vae", key, source.origin)
-            parts["vae"] = load_component(AutoencoderKL, folder, dtype, key, source.origin)
+        hint = "point the key at a complete local Flux diffusers folder (model_index.json, transformer/, vae/, text_encoder/, ...)."
+        return load_folder_parts(root, classes, dtype, origin, lambda name: hint)
 
     # -- prompts -----------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from transformers import (
 
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
-from .loading import ModelSource, component_folder, load_component, quiet_progress, read_model_index
+from .loading import ModelSource, apply_overrides, load_folder_parts, quiet_progress, read_model_index
 from .tiny_hidream import hidream_scheduler, tiny_hidream_parts
 
 MARKER_KEY = "_tunegraph"
@@ -141,7 +141,7 @@ class HiDreamModel(ModelBundle):
                 "text_encoder_4) yourself and set the key to the local diffusers folder, or use "
                 "model_flavour 'tiny' for the built-in test model."
             )
-        _apply_overrides(parts, source, dtype)
+        apply_overrides(parts, source, dtype, HiDreamImageTransformer2DModel)
         encoders = ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"]
         for name in ["transformer", "vae", *encoders]:
             parts[name] = place_module(parts[name], device, dtype)
@@ -340,7 +340,6 @@ def _balance_loss(gate: torch.nn.Module, hidden: torch.Tensor, topk_idx: torch.T
 
 
 def _load_folder(root: Path, dtype: torch.dtype, origin: str) -> dict[str, Any]:
-    key = "pretrained_model_name_or_path"
     classes = {
         "transformer": HiDreamImageTransformer2DModel,
         "vae": AutoencoderKL,
@@ -353,30 +352,13 @@ def _load_folder(root: Path, dtype: torch.dtype, origin: str) -> dict[str, Any]:
         "tokenizer_3": AutoTokenizer,
         "tokenizer_4": AutoTokenizer,
     }
-    parts = {}
-    for name, cls in classes.items():
-        folder = root / name
-        if not folder.is_dir():
-            hint = (
-                _LLAMA_HINT.format(root=root)
-                if name.endswith("_4")
-                else "point the key at a complete local HiDream diffusers folder (model_index.json, "
-                "transformer/, vae/, text_encoder/ ... text_encoder_4/)."
-            )
-            raise ConfigError(f"{origin}: key '{key}': {root} has no '{name}/' folder; {hint}")
-        torch_dtype = None if name.startswith("tokenizer") else dtype
-        parts[name] = load_component(cls, folder, torch_dtype, key, origin)
-    return parts
 
-
-def _apply_overrides(parts: dict[str, Any], source: ModelSource, dtype: torch.dtype) -> None:
-    key = "pretrained_transformer_model_name_or_path"
-    if (root := source.folder(key)) is not None:
-        folder = component_folder(root, source.pretrained_transformer_subfolder, key, source.origin)
-        parts["transformer"] = load_component(
-            HiDreamImageTransformer2DModel, folder, dtype, key, source.origin
+    def hint(name: str) -> str:
+        if name.endswith("_4"):
+            return _LLAMA_HINT.format(root=root)
+        return (
+            "point the key at a complete local HiDream diffusers folder (model_index.json, "
+            "transformer/, vae/, text_encoder/ ... text_encoder_4/)."
         )
-    key = "pretrained_vae_model_name_or_path"
-    if (root := source.folder(key)) is not None:
-        folder = component_folder(root, "vae", key, source.origin)
-        parts["vae"] = load_component(AutoencoderKL, folder, dtype, key, source.origin)
+
+    return load_folder_parts(root, classes, dtype, origin, hint)

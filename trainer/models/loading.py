@@ -112,6 +112,38 @@ def load_component(cls: Any, folder: Path, dtype: torch.dtype | None, key: str, 
         ) from exc
 
 
+def load_folder_parts(
+    root: Path, classes: dict[str, Any], dtype: torch.dtype, origin: str, missing_hint: Any
+) -> dict[str, Any]:
+    """Load every `<root>/<name>/` component of a diffusers folder (torch modules in `dtype`);
+    a missing one is an error naming the key and `missing_hint(name)`."""
+    key = "pretrained_model_name_or_path"
+    parts = {}
+    for name, cls in classes.items():
+        folder = root / name
+        if not folder.is_dir():
+            raise ConfigError(f"{origin}: key '{key}': {root} has no '{name}/' folder; {missing_hint(name)}")
+        torch_dtype = dtype if isinstance(cls, type) and issubclass(cls, torch.nn.Module) else None
+        parts[name] = load_component(cls, folder, torch_dtype, key, origin)
+    return parts
+
+
+def apply_overrides(
+    parts: dict[str, Any], source: ModelSource, dtype: torch.dtype, transformer_cls: Any
+) -> None:
+    """pretrained_transformer_* / pretrained_vae_* replace those components of `parts`."""
+    from diffusers import AutoencoderKL
+
+    key = "pretrained_transformer_model_name_or_path"
+    if (root := source.folder(key)) is not None:
+        folder = component_folder(root, source.pretrained_transformer_subfolder, key, source.origin)
+        parts["transformer"] = load_component(transformer_cls, folder, dtype, key, source.origin)
+    key = "pretrained_vae_model_name_or_path"
+    if (root := source.folder(key)) is not None:
+        folder = component_folder(root, "vae", key, source.origin)
+        parts["vae"] = load_component(AutoencoderKL, folder, dtype, key, source.origin)
+
+
 @contextmanager
 def quiet_progress() -> Iterator[None]:
     """No transformers per-shard progress bars while loading or saving tiny or cached components."""
