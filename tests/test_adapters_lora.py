@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
+from tiny_flux import run, tiny_flux
 
 from tunegraph.trainer.adapters import (
     attach_adapter,
@@ -19,30 +19,6 @@ from tunegraph.trainer.adapters import (
 from tunegraph.trainer.adapters.targets import FLUX_LORA_TARGET_PRESETS
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.errors import ConfigError
-
-
-def tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-        guidance_embeds=True,
-    ).eval()  # fmt: skip
-
-
-def run(model) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, 64, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
-        "pooled_projections": torch.randn(1, 32, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": torch.zeros(16, 3),
-        "txt_ids": torch.zeros(8, 3),
-        "guidance": torch.tensor([1.0]),
-    }
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
 
 
 def lora_cfg(**values) -> TrainConfig:

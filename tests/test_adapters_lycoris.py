@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
+from tiny_flux import flux_inputs, run, tiny_flux
 
 from tunegraph.trainer.adapters import (
     attach_adapter,
@@ -22,39 +22,12 @@ from tunegraph.trainer.adapters.lycoris_config import read_lycoris_config
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.errors import ConfigError, TrainingError
 
-REF = Path("/work/shared/reference-configs/hidream")
+REF = Path(__file__).parent / "data" / "reference-configs" / "hidream"
 ATTN_PRESET = {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 16}}}
 FULL = {"algo": "lokr", "linear_dim": 16384, "linear_alpha": 1, "full_matrix": True, "use_scalar": True,
         "factor": 16, "apply_preset": ATTN_PRESET}  # fmt: skip
 DECOMPOSED = {"algo": "lokr", "linear_dim": 2, "linear_alpha": 3, "factor": 4, "full_matrix": False,
               "apply_preset": {"target_module": ["Attention"]}}  # fmt: skip
-
-
-def tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-        guidance_embeds=True,
-    ).eval()  # fmt: skip
-
-
-def flux_inputs(seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(1, 16, 64, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
-        "pooled_projections": torch.randn(1, 32, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": torch.zeros(16, 3),
-        "txt_ids": torch.zeros(8, 3),
-        "guidance": torch.tensor([1.0]),
-    }
-
-
-def run(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**flux_inputs(), return_dict=False)[0]
 
 
 def lycoris_cfg(tmp_path: Path, lyco: dict, **extra) -> TrainConfig:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_flux import run
 
 from tunegraph.nodes.adapter_scope import clean_transformer
 from tunegraph.nodes.paths import ENV_ROOTS, confine, env_roots
@@ -89,24 +90,6 @@ def test_finished_adapter_needs_same_identity_and_step(tmp_path: Path) -> None:
 # -- the shared transformer is left as found --------------------------------------------------------
 
 
-def _inputs() -> dict:
-    g = torch.Generator().manual_seed(1)
-    return {
-        "hidden_states": torch.randn(1, 16, 64, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
-        "pooled_projections": torch.randn(1, 32, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": torch.zeros(16, 3),
-        "txt_ids": torch.zeros(8, 3),
-        "guidance": torch.tensor([1.0]),
-    }
-
-
-def _out(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**_inputs(), return_dict=False)[0]
-
-
 def _cfg(tmp_path: Path, lora_type: str) -> TrainConfig:
     lyco = tmp_path / "lycoris_config.json"
     lyco.write_text(json.dumps({"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 4,
@@ -121,7 +104,7 @@ def _cfg(tmp_path: Path, lora_type: str) -> TrainConfig:
 def test_clean_transformer_undoes_an_attached_adapter(tmp_path: Path, lora_type: str) -> None:
     torch.manual_seed(0)
     model = tiny_flux_transformer(guidance_embeds=True).eval()
-    before = _out(model)
+    before = run(model)
     kinds = {n: type(m) for n, m in model.named_modules()}
     for _ in range(2):  # twice: a second attach after cleanup must work like the first
         with clean_transformer(model):
@@ -129,8 +112,8 @@ def test_clean_transformer_undoes_an_attached_adapter(tmp_path: Path, lora_type:
             with torch.no_grad():
                 for p in adapter.parameters():
                     p.add_(0.05)
-            assert not torch.allclose(_out(model), before)  # the adapter really acts inside the scope
-        assert torch.equal(_out(model), before)
+            assert not torch.allclose(run(model), before)  # the adapter really acts inside the scope
+        assert torch.equal(run(model), before)
         assert {n: type(m) for n, m in model.named_modules()} == kinds
         assert not any("forward" in m.__dict__ for m in model.modules())
         assert not hasattr(model, "peft_config") or not model.peft_config

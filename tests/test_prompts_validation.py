@@ -14,7 +14,7 @@ from tunegraph.trainer.training.prompts import (
     validation_prompts,
 )
 
-REFERENCE = Path("/work/shared/reference-configs/user_prompt_library.json")
+REFERENCE = Path(__file__).parent / "data" / "reference-configs" / "user_prompt_library.json"
 
 
 def _cfg(tmp_path, **values):
