@@ -8,7 +8,6 @@ or 3.5) and is likewise scaled inside, only when the transformer has guidance em
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,14 +17,13 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
-from .loading import ModelSource, apply_overrides, load_folder_parts, quiet_progress, read_model_index
+from .loading import ModelSource, apply_overrides, folder_flavour, load_folder_parts, save_pipeline_folder
 from .tiny import tiny_flux_parts
 
 _ATTN = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
 _CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 _CONTEXT_FFS = ["ff_context.net.0.proj", "ff_context.net.2"]
 _FFS = ["ff.net.0.proj", "ff.net.2", *_CONTEXT_FFS, "proj_mlp", "proj_out"]
-MARKER_KEY = "_tunegraph"  # in model_index.json; diffusers ignores keys starting with "_"
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -108,8 +106,7 @@ class FluxModel(ModelBundle):
         """Tiny models built in code (flavour "tiny" and no folder), else a local diffusers folder;
         `pretrained_transformer/vae_model_name_or_path` replace those components."""
         root = source.folder("pretrained_model_name_or_path", cls.hub_ids.get(source.flavour or "krea"))
-        marker = read_model_index(root).get(MARKER_KEY, {}) if root else {}
-        flavour = cls.check_flavour(source.flavour or marker.get("flavour"), source.origin)
+        flavour = cls.check_flavour(source.flavour or folder_flavour(root), source.origin)
         if root is not None:
             parts = cls._load_folder(root, dtype, source.origin)
         elif flavour == "tiny":
@@ -250,11 +247,4 @@ class FluxModel(ModelBundle):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a diffusers Flux folder that `FluxModel.load` (and FluxPipeline) reloads exactly."""
-        directory = Path(directory)
-        with quiet_progress():
-            self.validation_pipeline().save_pretrained(str(directory), safe_serialization=True)
-        index_path = directory / "model_index.json"
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        index[MARKER_KEY] = {"family": self.family, "flavour": self.flavour}
-        index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return directory
+        return save_pipeline_folder(self.validation_pipeline(), directory, self.family, self.flavour)

@@ -28,7 +28,6 @@ Facts checked against diffusers 0.42 (HiDreamImageTransformer2DModel, HiDreamIma
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,10 +45,9 @@ from transformers import (
 
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
-from .loading import ModelSource, apply_overrides, load_folder_parts, quiet_progress, read_model_index
+from .loading import ModelSource, apply_overrides, folder_flavour, load_folder_parts, save_pipeline_folder
 from .tiny_hidream import hidream_scheduler, tiny_hidream_parts
 
-MARKER_KEY = "_tunegraph"
 FLAVOUR_SHIFTS = {"full": 3.0, "dev": 6.0, "fast": 3.0, "tiny": 3.0}
 _ATTN_IMAGE = ["to_q", "to_k", "to_v", "to_out"]
 _ATTN_TEXT = ["to_q_t", "to_k_t", "to_v_t", "to_out_t"]
@@ -128,8 +126,7 @@ class HiDreamModel(ModelBundle):
         """Tiny models built in code (flavour "tiny" and no folder), else a local diffusers folder
         with text_encoder_4/ and tokenizer_4/ inside; transformer and VAE overrides as for Flux."""
         root = source.folder("pretrained_model_name_or_path", cls.hub_ids.get(source.flavour or "full"))
-        marker = read_model_index(root).get(MARKER_KEY, {}) if root else {}
-        flavour = cls.check_flavour(source.flavour or marker.get("flavour"), source.origin)
+        flavour = cls.check_flavour(source.flavour or folder_flavour(root), source.origin)
         if root is not None:
             parts = _load_folder(root, dtype, source.origin)
         elif flavour == "tiny":
@@ -296,14 +293,9 @@ class HiDreamModel(ModelBundle):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a diffusers HiDream folder (text_encoder_4 inside) that `HiDreamModel.load` and
         stock HiDreamImagePipeline reload exactly."""
-        directory = Path(directory)
-        with quiet_progress():
-            self._pipeline(HiDreamImagePipeline).save_pretrained(str(directory), safe_serialization=True)
-        index_path = directory / "model_index.json"
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        index[MARKER_KEY] = {"family": self.family, "flavour": self.flavour}
-        index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return directory
+        return save_pipeline_folder(
+            self._pipeline(HiDreamImagePipeline), directory, self.family, self.flavour
+        )
 
 
 def embed_bytes_per_caption(

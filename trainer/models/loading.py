@@ -166,3 +166,23 @@ def read_model_index(root: Path) -> dict:
         raise ConfigError(
             f"{path}: not a readable model_index.json ({exc}); re-save or re-download it"
         ) from exc
+
+
+MARKER_KEY = "_tunegraph"  # in model_index.json; diffusers ignores keys starting with "_"
+
+
+def folder_flavour(root: Path | None) -> str | None:
+    """The flavour `save_pipeline_folder` recorded in a folder's model_index.json, if any."""
+    return read_model_index(root).get(MARKER_KEY, {}).get("flavour") if root else None
+
+
+def save_pipeline_folder(pipeline: Any, directory: str | Path, family: str, flavour: str) -> Path:
+    """Save a diffusers pipeline as a folder and record our family and flavour in its model_index.json."""
+    directory = Path(directory)
+    with quiet_progress():
+        pipeline.save_pretrained(str(directory), safe_serialization=True)
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index[MARKER_KEY] = {"family": family, "flavour": flavour}
+    index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return directory
