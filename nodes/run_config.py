@@ -3,24 +3,30 @@
 TrainLoKr writes `<run>/config/{config,multidatabackend,lycoris_config}.json` and loads them with
 `load_config`, so a run started from a graph can be replayed with `tunegraph train --config ...`.
 A run is identified by its folder and a hash of its config (`<run>/tunegraph_run.json`): the same
-inputs again resume or reuse it, changed inputs move the old checkpoints aside and train afresh.
+inputs again resume or reuse it, changed inputs move the old run aside and train afresh (run_identity.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ..trainer.adapters.files import read_adapter_metadata
 from ..trainer.config import TrainConfig, load_config
-from ..trainer.training.checkpoint import list_checkpoints
 from ..trainer.training.run import FINAL_NAME
 from .handles import CacheHandle, Datasets
+from .run_identity import RUN_FILE, claim_run_dir, previous_identity
 
-RUN_FILE = "tunegraph_run.json"
+__all__ = [
+    "RUN_FILE",
+    "claim_run",
+    "claim_run_dir",
+    "finished_adapter",
+    "load_run_config",
+    "write_run_config",
+]
 
 
 def text_embeds_entry(cache_dir: Path) -> dict[str, Any]:
@@ -65,6 +71,19 @@ def write_run_config(
     return conf / "config.json", run_identity(config, backends, lycoris, start)
 
 
+def claim_run(
+    run_dir: Path, config: dict[str, Any], backends: list[dict], lycoris: dict | None, start: str = ""
+) -> tuple[Path, str, str]:
+    """Claim `run_dir` for this config (run_identity.claim_run_dir: "resume" or "fresh", a previous
+    run's files moved aside first, its config included), then write the config files.
+    Returns (config.json path, identity, mode)."""
+    if lycoris is not None:
+        config = {**config, "lycoris_config": "lycoris_config.json"}
+    mode = claim_run_dir(run_dir, run_identity(config, backends, lycoris, start))
+    config_path, identity = write_run_config(run_dir, config, backends, lycoris, start)
+    return config_path, identity, mode
+
+
 def load_run_config(config_path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Load with the config's own folder as the place relative paths are found (never the cwd)."""
     return load_config(config_path, overrides)
@@ -77,31 +96,3 @@ def finished_adapter(run_dir: Path, identity: str, steps: int) -> Path | None:
         return None
     meta = read_adapter_metadata(final)
     return final if int(meta.get("step", -1)) == int(steps) else None
-
-
-def previous_identity(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / RUN_FILE).read_text())["identity"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def claim_run_dir(run_dir: Path, identity: str) -> str:
-    """Make `run_dir` belong to `identity`. Returns "resume" when it already did (Cancel then
-    re-queue continues from the latest checkpoint), else "fresh": a different run's checkpoints and
-    final file are moved to `run_dir/superseded/<old identity>/` (never deleted)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    old = previous_identity(run_dir)
-    if old == identity:
-        return "resume"
-    stale = [p for _, p in list_checkpoints(run_dir)] + [p for p in (run_dir / FINAL_NAME,) if p.exists()]
-    if stale:
-        dest = run_dir / "superseded" / (old or "unknown")
-        dest.mkdir(parents=True, exist_ok=True)
-        for p in stale:
-            target = dest / p.name
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            p.rename(target)
-    (run_dir / RUN_FILE).write_text(json.dumps({"identity": identity}))
-    return "fresh"

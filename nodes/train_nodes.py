@@ -18,17 +18,11 @@ from ..trainer.training.checkpoint import find_latest_checkpoint, list_checkpoin
 from ..trainer.training.distributed import TrainingProcesses
 from ..trainer.training.loop import train
 from ..trainer.training.optim import OPTIMIZERS
+from ..trainer.training.run_lock import hold_output_dir
 from . import paths
 from .adapter_scope import clean_transformer
 from .handles import AdapterHandle, CacheHandle
-from .run_config import (
-    backend_entries,
-    cache_config,
-    claim_run_dir,
-    finished_adapter,
-    load_run_config,
-    write_run_config,
-)
+from .run_config import backend_entries, cache_config, claim_run, finished_adapter, load_run_config
 from .run_control import CONTROL, RUN_EVENT, apply_requests, web_run_id
 from .runtime import TRAIN_EVENT, Progress, autograd_on, check_interrupt, free_comfy_models, interrupt_types
 from .sockets import CATEGORY, AdapterSocket, CacheSocket
@@ -169,6 +163,11 @@ class TrainLoKr(io.ComfyNode):
         cls, cache: CacheHandle, output_name: str, resume_from: AdapterHandle | None = None, **v: Any
     ):
         run_dir = paths.output_path(str(Path("tunegraph") / output_name), "TrainLoKr: output_name")
+        with hold_output_dir(run_dir, "ComfyUI TrainLoKr", choose="output_name"):  # one run per folder
+            return cls._run(cache, run_dir, resume_from, v)
+
+    @classmethod
+    def _run(cls, cache: CacheHandle, run_dir: Path, resume_from: AdapterHandle | None, v: dict[str, Any]):
         if v["lycoris_config_file"].strip():
             path = paths.input_path(v["lycoris_config_file"], "TrainLoKr: lycoris_config_file")
             lycoris = read_lycoris_config(path)
@@ -180,7 +179,7 @@ class TrainLoKr(io.ComfyNode):
             cache, run_dir, {**training_keys(v), "cache_dir": str(paths.output_dir() / "tunegraph" / "cache")}
         )
         start = _start_checkpoint(resume_from)
-        config_path, identity = write_run_config(
+        config_path, identity, mode = claim_run(
             run_dir,
             config,
             backend_entries(cache.datasets, cache.text_cache_dir),
@@ -194,7 +193,6 @@ class TrainLoKr(io.ComfyNode):
             summary = {"adapter": str(done), "output_dir": str(run_dir), "steps": v["steps"], "reused": True,
                        "loss_plot": str(run_dir / "loss.png")}  # fmt: skip
         else:
-            mode = claim_run_dir(run_dir, identity)
             if (
                 mode == "fresh" and start
             ):  # a chunk starts from a copy of the previous chunk's last checkpoint

@@ -228,6 +228,7 @@ class TrainingProcesses:
 
     def start(self) -> None:
         from .metrics import truncate_metrics
+        from .run_lock import launcher_env
 
         # as the child will on start: lines past the resumed step are not this run's progress
         truncate_metrics(self.output_dir / "metrics.jsonl", self.resume_step)
@@ -235,6 +236,7 @@ class TrainingProcesses:
         out.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
+        env.update(launcher_env(self.output_dir))  # rank 0 shares this process's run lock
         with open(out, "w") as fo, open(err, "w") as fe:
             self.proc = subprocess.Popen(
                 self.cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env, start_new_session=True

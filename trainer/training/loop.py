@@ -23,6 +23,7 @@ from .evaluate import EvalSet
 from .flow import flow_target, image_seq_len, noisy_latents, sample_sigmas
 from .metrics import MetricsWriter, TrainProgress
 from .run import Run, prepare_run, save_final, save_run_checkpoint
+from .run_lock import hold_output_dir
 
 log = logging.getLogger("tunegraph")
 
@@ -111,7 +112,14 @@ def _after_step(
         run.validate(step)
 
 
-def train(
+def train(cfg, **options: Any) -> dict[str, Any]:
+    """Train as `cfg` says (options: see `_train`), holding the output folder's run lock throughout:
+    a second run on the same folder stops at once (run_lock.py)."""
+    with hold_output_dir(cfg.output_dir):
+        return _train(cfg, **options)
+
+
+def _train(
     cfg,
     *,
     model=None,

@@ -22,6 +22,7 @@ from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import Dist, setup, wrap_for_ddp
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, clip_gradients
+from .resume_rules import apply_config, check_resume, config_record, optimizer_settings
 from .rng import capture_rng_state, make_generator, restore_rng_state, seed_everything
 
 log = logging.getLogger("tunegraph")
@@ -132,6 +133,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     output_dir = Path(cfg.output_dir)
     _check_writable(output_dir)
     resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    check_resume(resume_path, cfg)  # a changed model/adapter/data key fails here, before loading
     seed_everything(cfg.seed)
     if model is None:
         model = load_model(cfg, device=dist.device, dtype=_weight_dtype(cfg))
@@ -197,6 +199,7 @@ def save_run_checkpoint(run: Run, *, barrier: bool = True) -> Path:
         "step": run.step,
         "data": run.data.state_dict(),
         "config_hash": run.cfg.config_hash(),
+        "config": config_record(run.cfg),  # resume_rules compares it key by key
         "adapter_meta": {**_metadata(run), **run.adapter.file_metadata()},
     }
     path = save_checkpoint(
@@ -221,6 +224,7 @@ def _resume(run: Run, path: Path) -> None:
     ckpt = load_checkpoint(path)
     state = ckpt.json["state.json"]
     run.adapter.load_state_dict(ckpt.tensors["adapter.safetensors"])
+    settings = optimizer_settings(run.optimizer)  # the config's, before the checkpoint's replace them
     run.optimizer.load_state_dict(ckpt.objects["optimizer.pt"])
     run.scheduler.load_state_dict(ckpt.objects["scheduler.pt"])
     if run.ema is not None and "ema.safetensors" in ckpt.tensors:
@@ -229,13 +233,7 @@ def _resume(run: Run, path: Path) -> None:
     run.data.load_state_dict(state["data"])
     run.step = run.start_step = int(state["step"])
     run.resumed_from = path
-    if state.get("config_hash") != run.cfg.config_hash():
-        log.warning(
-            "resuming %s with a changed config (hash %s -> %s)",
-            path,
-            state.get("config_hash"),
-            run.cfg.config_hash(),
-        )
+    apply_config(run, settings, has_ema_state="ema.safetensors" in ckpt.tensors)  # allowed changes count
     log.info("resumed from %s at step %d", path, run.step)
 
 
