@@ -36,11 +36,14 @@ def previous_identity(run_dir: Path) -> str | None:
 def write_identity(run_dir: Path, identity: str) -> None:
     """Write the identity file atomically: a reader sees the old file or the whole new one."""
     tmp = run_dir / f".{RUN_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"identity": identity}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / RUN_FILE)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"identity": identity}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, run_dir / RUN_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def results(run_dir: Path) -> list[Path]:

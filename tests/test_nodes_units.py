@@ -71,7 +71,8 @@ def test_claim_resumes_same_run_and_moves_a_changed_runs_files_aside(tmp_path: P
     assert claim_run_dir(run, "aaa") == "resume"
     assert ckpt.exists()
     assert claim_run_dir(run, "bbb") == "fresh"
-    assert not ckpt.exists() and (run / "superseded" / "aaa" / "checkpoint-4" / MARKER).is_file()
+    (old,) = (run / "superseded").iterdir()  # a folder of its own, named after the old identity
+    assert old.name.startswith("aaa-") and not ckpt.exists() and (old / "checkpoint-4" / MARKER).is_file()
     assert json.loads((run / "tunegraph_run.json").read_text())["identity"] == "bbb"
 
 
