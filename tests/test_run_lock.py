@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from tunegraph.trainer.commands.demo import write_demo_config
 from tunegraph.trainer.config import load_config
+from tunegraph.trainer.training import run_lock
 from tunegraph.trainer.training.loop import train
 from tunegraph.trainer.training.run_lock import (
     ENV,
@@ -95,6 +96,20 @@ def test_sigterm_releases_and_a_killed_runs_lock_is_taken_over(tmp_path: Path, c
         assert read_holder(tmp_path / "kill").pid == os.getpid()
     said = caplog.text
     assert "taking over the lock of a run that is no longer running" in said and f"pid {killed.pid}" in said
+
+
+def test_without_flock_a_live_holder_blocks_and_a_dead_ones_file_is_taken_over(
+    tmp_path: Path, monkeypatch
+) -> None:
+    holder = start_holder(tmp_path)
+    monkeypatch.setattr(run_lock, "fcntl", None)  # as on Windows: O_EXCL file + pid check
+    with pytest.raises(RunLocked, match=f"pid {holder.pid}"), hold_output_dir(tmp_path):
+        pass
+    holder.kill()
+    holder.wait(30)
+    with hold_output_dir(tmp_path):
+        assert read_holder(tmp_path).pid == os.getpid()
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 def test_the_holder_may_retake_it_but_another_thread_may_not(tmp_path: Path) -> None:

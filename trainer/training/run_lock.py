@@ -146,7 +146,9 @@ def _exclusive_create(folder: Path, holder: Holder) -> int | None:
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             old = read_holder(folder)
-            if old is None or old.host != holder.host or _pid_alive(old.pid):
+            if old is None or old.host != holder.host:
+                return None
+            if old.pid != holder.pid and _pid_alive(old.pid):  # our own pid: a leftover, not held
                 return None
             path.unlink(missing_ok=True)
     return None
@@ -192,9 +194,12 @@ def _shared_with_launcher(folder: Path, current: Holder | None) -> bool:
 def _release(folder: Path, fd: int | None) -> None:
     if fd is None:  # shared with the launcher: it releases
         return
+    if os.name == "nt":  # an open file cannot be deleted there (and there is no flock to keep)
+        os.close(fd)
     with contextlib.suppress(OSError):
         lock_path(folder).unlink()  # while still locked, so nobody takes a file about to vanish
-    os.close(fd)
+    if os.name != "nt":
+        os.close(fd)
 
 
 def _is_rank_above_zero() -> bool:
