@@ -98,7 +98,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _locked_message(folder: Path, holder: Holder | None, choose: str) -> str:
-    who = holder.describe() if holder else "another process (its lock file names no holder)"
+    unnamed = f"its lock file {lock_path(folder)} names no holder; delete it if no run uses this folder"
+    who = holder.describe() if holder else unnamed
     return (
         f"output folder {folder} is in use by another training run ({who}); two runs never share a "
         f"folder: wait for that run to finish or stop it, or choose another {choose}"
