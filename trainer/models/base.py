@@ -27,6 +27,8 @@ class ModelBundle:
     default_shift: ClassVar[float] = 3.0
     latent_channels: ClassVar[int] = 16
     lycoris_attention_classes: ClassVar[list[str]] = []
+    # issue 15: SimpleTuner's LyCORIS class names -> this family's diffusers classes (adapters/targets.py)
+    lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {}
     # True where the family has no distilled guidance embedding, so validation_guidance means real CFG.
     guidance_is_cfg: ClassVar[bool] = False
 

@@ -63,6 +63,8 @@ class FluxModel(ModelBundle):
     default_shift: ClassVar[float] = 3.0
     default_guidance: ClassVar[float] = 1.0  # SimpleTuner's flux_guidance_value default
     lycoris_attention_classes: ClassVar[list[str]] = ["FluxAttention"]
+    # issue 15: SimpleTuner's Flux code uses diffusers' FeedForward itself (ff, ff_context).
+    lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {"FeedForward": ["FeedForward"]}
     # flux_lora_target -> PEFT module-name suffixes (SimpleTuner's meanings).
     lora_target_presets: ClassVar[dict[str, list[str]]] = {
         "mmdit": ["to_k", "to_q", "to_v", "to_out.0"],  # image-stream attention (also single blocks)

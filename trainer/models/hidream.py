@@ -83,6 +83,17 @@ class HiDreamModel(ModelBundle):
     flavours: ClassVar[tuple[str, ...]] = ("full", "dev", "fast", "tiny")
     default_flavour: ClassVar[str] = "full"
     lycoris_attention_classes: ClassVar[list[str]] = ["HiDreamAttention"]
+    # issue 15: SimpleTuner's HiDream class names (its models/hidream/transformer.py) -> diffusers'.
+    lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {
+        "FeedForward": ["HiDreamImageFeedForwardSwiGLU"],  # every expert (shared, routed) and ff_t
+        "MOEFeedForward": ["MOEFeedForwardSwiGLU"],
+        "EmbedND": ["HiDreamImageEmbedND"],
+        "PatchEmbed": ["HiDreamImagePatchEmbed"],
+        "PooledEmbed": ["HiDreamImagePooledEmbed"],
+        "TimestepEmbed": ["HiDreamImageTimestepEmbed"],
+        "OutEmbed": ["HiDreamImageOutEmbed"],
+        "HiDreamImageBlock": ["HiDreamBlock"],
+    }
     guidance_is_cfg: ClassVar[bool] = True
     # PEFT suffixes; HiDream has `to_out`, not Flux's `to_out.0` (SimpleTuner's default misses it).
     lora_target_presets: ClassVar[dict[str, list[str]]] = {
