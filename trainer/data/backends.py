@@ -2,7 +2,7 @@
 
 Relative `instance_data_dir` is tried against the working directory, then the multidatabackend file's
 folder (as the config resolves paths). Cache folders are relative to the working directory, as in
-SimpleTuner. When a dataset names no `cache_dir_vae` its latents go to `<cfg.cache_dir_vae>/<id>`, else
+SimpleTuner. Values may use `{model_family}`, `{output_dir}`, `{id}`, `{env:NAME}` (path_variables.py). When a dataset names no `cache_dir_vae` its latents go to `<cfg.cache_dir_vae>/<id>`, else
 `<cfg.cache_dir or "cache">/vae/<model_family>/<id>`; the text-embed cache defaults likewise to
 `<cfg.cache_dir_text>` or `<cfg.cache_dir or "cache">/text/<model_family>`. Both caches are
 content-addressed, so sharing a folder between datasets or runs is safe.
@@ -20,6 +20,7 @@ from ..config import did_you_mean
 from ..errors import ConfigError
 from ..jsonfile import load_json
 from ..simpletuner_options import DATASET_KEYS, DATASET_NO_EFFECT
+from .path_variables import fill_entry
 
 log = logging.getLogger("tunegraph")
 
@@ -281,7 +282,7 @@ def parse_backends(entries: list[dict], cfg: Any, source: str, base_dir: Path | 
             )
         if not str(raw.get("id", "")).strip():
             raise ConfigError(f"{source}: dataset #{index + 1} has no 'id'; give each dataset a unique id")
-        raw = {**raw, "id": str(raw["id"])}
+        raw = fill_entry({**raw, "id": str(raw["id"])}, _family(cfg), _cfg(cfg, "output_dir"))
         entry = _Entry(raw, source, repr(raw["id"]))
         if raw["id"] in seen:
             raise ConfigError(f"{source}: dataset id {raw['id']!r} is used twice; ids must be unique")
