@@ -2,7 +2,8 @@
 
 Relative `instance_data_dir` is tried against the working directory, then the multidatabackend file's
 folder (as the config resolves paths). Cache folders are relative to the working directory, as in
-SimpleTuner. Values may use `{model_family}`, `{output_dir}`, `{id}`, `{env:NAME}` (path_variables.py). When a dataset names no `cache_dir_vae` its latents go to `<cfg.cache_dir_vae>/<id>`, else
+SimpleTuner. Values may use `{model_family}`, `{output_dir}`, `{id}`, `{env:NAME}` (path_variables.py).
+When a dataset names no `cache_dir_vae` its latents go to `<cfg.cache_dir_vae>/<id>`, else
 `<cfg.cache_dir or "cache">/vae/<model_family>/<id>`; the text-embed cache defaults likewise to
 `<cfg.cache_dir_text>` or `<cfg.cache_dir or "cache">/text/<model_family>`. Both caches are
 content-addressed, so sharing a folder between datasets or runs is safe.
