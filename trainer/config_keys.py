@@ -142,6 +142,10 @@ KEYS: dict[str, Key] = {
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01),
+    # issue 15: SimpleTuner's loss options (training/flow.py `flow_loss`)
+    "loss_type": _k("str", "l2", "l2", "huber", "smooth_l1"),
+    "huber_schedule": _k("str", "snr", "snr", "exponential", "constant"),
+    "huber_c": _k("float", 0.1),
 }
 
 # issue 15: every other real SimpleTuner key is accepted, from SimpleTuner's own option list
