@@ -146,6 +146,8 @@ KEYS: dict[str, Key] = {
     "loss_type": _k("str", "l2", "l2", "huber", "smooth_l1"),
     "huber_schedule": _k("str", "snr", "snr", "exponential", "constant"),
     "huber_c": _k("float", 0.1),
+    # issue 15: keep buckets smaller than one batch, filling their batch with their own images (sampler.py)
+    "disable_bucket_pruning": _k("bool", False),
 }
 
 # issue 15: every other real SimpleTuner key is accepted, from SimpleTuner's own option list

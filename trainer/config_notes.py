@@ -70,3 +70,20 @@ class Unacted:
         if not parts:
             return None
         return f"{self.source}: SimpleTuner keys not implemented by TuneGraph, ignored: " + "; ".join(parts)
+
+
+def key_groups() -> dict[str, list[str]]:
+    """SimpleTuner's config keys TuneGraph does not act on, by what happens to them instead."""
+    groups: dict[str, list[str]] = {"flow_matching_noop": [], "speed_memory": [], "not_implemented": []}
+    for name in sorted(UNSUPPORTED):
+        group = (
+            "flow_matching_noop" if name in FLOW_NOOPS else "speed_memory" if name in SPEED_MEMORY else None
+        )
+        groups[group or "not_implemented"].append(name)
+    groups["no_effect_on_a_local_run"] = sorted(IGNORED)
+    return groups
+
+
+if __name__ == "__main__":  # python -m tunegraph.trainer.config_notes: the lists the README summarises
+    for title, names in key_groups().items():
+        print(f"{title} ({len(names)}): {', '.join(names)}\n")

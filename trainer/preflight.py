@@ -71,8 +71,9 @@ def _dataset(found: Discovery, cfg: Any, family: Any, transformer: torch.nn.Modu
                     f"{spec.resolution_type}): {record.path.name} becomes {problem}"
                 )
     if spec.probability > 0:
+        batch, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
         check_dataset_size(
-            spec.id, buckets, spec.repeats, cfg.train_batch_size, cfg.gradient_accumulation_steps, spec.source
+            spec.id, buckets, spec.repeats, batch, accum, spec.source, cfg.disable_bucket_pruning
         )
     return {
         "id": spec.id,
