@@ -27,3 +27,10 @@ def test_variables_are_filled_as_simpletuner_does(tmp_path, monkeypatch):
     assert ds.cache_dir_vae == Path("cache/vae/hidream/subject")
     assert ds.instance_prompt == "{unknown} x"  # unknown names stay; unset env is empty
     assert b.text_embeds.cache_dir == Path("out/run1/text/hidream")
+
+
+def test_config_values_take_env_variables(monkeypatch):
+    monkeypatch.setenv("TG_OUT", "/tmp/runs")
+    cfg = TrainConfig.from_dict({"output_dir": "{env:TG_OUT}/a", "validation_prompt": "{model_family} {x}"})
+    assert cfg.output_dir == "/tmp/runs/a"
+    assert cfg.validation_prompt == "{model_family} {x}"  # config.json gets {env:} only, as in SimpleTuner

@@ -17,6 +17,7 @@ from typing import Any
 from . import coerce
 from .config_keys import ALIASES, KEYS, NOT_YET, UNSUPPORTED, Key
 from .config_notes import Unacted, is_noop
+from .data.path_variables import fill_value
 from .errors import ConfigError
 from .jsonfile import load_json
 
@@ -75,6 +76,7 @@ class TrainConfig:
             if raw_name.lstrip("-").strip() in NOT_YET and not _is_noop(value, "no_change"):
                 ignored.append(f"{raw_name.lstrip('-')}={value!r}")
             name = raw_name.lstrip("-").strip()
+            value = fill_value(value, {})  # issue 15: {env:NAME}, as SimpleTuner fills config values
             if name not in KEYS and unacted.take(name, value):
                 continue
             if name not in KEYS:
