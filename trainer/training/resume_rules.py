@@ -8,8 +8,8 @@ who resumes it with an edited config expects the edit to count, or to be told it
   tiny_model_seed, every precision key, mixed_precision); the adapter (lora_type, the lycoris_config
   file's contents, lora_rank, lora_alpha, lora_dropout, flux_lora_target, lora_init_type,
   init_lokr_norm); the data (the data_backend_config file's datasets, except where their caches
-  live; resolution and the other image and caption keys; seed, which fixes the data order and noise
-  the checkpoint continues); the optimizer (its saved moments belong to one algorithm). To change
+  live; resolution and the other image, bucket and caption keys; seed, which fixes the data order
+  and noise the checkpoint continues); the optimizer (its saved moments belong to one algorithm). To change
   one, resume with the checkpoint's values (its `state.json` holds them) or train afresh in another
   output_dir.
 - Allowed, listed in one log line, and in effect from the next step: everything else. The learning
@@ -18,8 +18,8 @@ who resumes it with an edited config expects the edit to count, or to be told it
   with it); optimizer settings (adam_*, prodigy_d_coef, optimizer_config) are applied to the restored
   optimizer; train_batch_size and gradient_accumulation_steps carry the data position over
   proportionally; ema_decay applies to the restored EMA, and use_ema switched on starts the EMA from
-  the resumed weights; gradient clipping, flow-matching and guidance values, checkpoint, validation,
-  eval and logging settings and cache locations simply apply.
+  the resumed weights; gradient clipping, the loss (loss_type, huber_*), flow-matching and guidance
+  values, checkpoint, validation, eval and logging settings and cache locations simply apply.
 - Not compared: output_dir (a chunk continues another folder's checkpoint), resume_from_checkpoint,
   and the paths of lycoris_config and data_backend_config (their contents are compared instead).
 
@@ -53,6 +53,7 @@ ADAPTER = (
 DATA = (
     "resolution", "resolution_type", "minimum_image_size", "maximum_image_size", "target_downsample_size",
     "aspect_bucket_rounding", "caption_strategy", "instance_prompt", "caption_dropout_probability", "seed",
+    "disable_bucket_pruning",
 )  # fmt: skip
 FIXED = frozenset((*MODEL, *ADAPTER, *DATA, "optimizer"))
 NOT_COMPARED = frozenset(("output_dir", "resume_from_checkpoint", "lycoris_config", "data_backend_config"))
