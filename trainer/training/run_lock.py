@@ -224,7 +224,7 @@ def hold_output_dir(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainingError(
-            f"output_dir {folder} cannot be created ({e.strerror}); choose another folder"
+            f"output_dir {folder} cannot be written ({e.strerror}); choose another folder"
         ) from None
     key = str(folder.resolve())
     me = threading.get_ident()
