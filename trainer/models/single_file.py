@@ -1,0 +1,297 @@
+"""Flux and HiDream transformers and the Flux VAE from ComfyUI-format single files, offline.
+
+The modules are the same diffusers classes a diffusers folder gives, so adapters, quantisation and
+parity work unchanged. Configs: full-size shapes use the JSON shipped in `configs/` (what the
+diffusers folders on the hub hold); other shapes are read from the tensors (widths, heads, block
+counts), with what shapes cannot tell (Flux's RoPE axes for an unusual head size, HiDream's
+`llama_layers`) taken from the `tunegraph_unet_config` metadata `tunegraph tiny-models --comfyui` and
+our fixtures write. Key layouts: Flux is BFL's (our inverse of comfy_keys.flux_to_comfy: diffusers'
+converter hard-codes width 3072); HiDream keeps diffusers' names; the VAE is LDM's, converted by
+diffusers' own `convert_ldm_vae_checkpoint` (exact; the VAE is small enough to convert in memory).
+Every module is built on the meta device and filled block by block from the memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .comfy_keys import UNET_CONFIG_KEY, flux_from_comfy_plan, flux_source_tensor
+from .weights_file import WeightsFile, empty_weights, load_module
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# One name that only each kind of file has (ComfyUI's model_detection uses the same ones).
+SIGNATURES = {
+    "flux": "double_blocks.0.img_attn.qkv.weight",
+    "hidream": "caption_projection.0.linear.weight",
+    "vae": "decoder.conv_in.weight",
+}
+_LORA_MARKS = ("lora_", "lokr_", "loha_", ".alpha", "lora.", "diff_b", ".dora_scale")
+
+
+def shipped_config(name: str) -> dict[str, Any]:
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def what_is(view: WeightsFile) -> str:
+    """ "flux", "hidream", "vae", "lora", "text encoder" or "unknown": what a file view holds."""
+    for kind, name in SIGNATURES.items():
+        if name in view:
+            return kind
+    if any(mark in n for n in view.names[:200] for mark in _LORA_MARKS):
+        return "lora"
+    if any(
+        n.startswith(("text_model.", "encoder.block.", "model.layers.", "shared.")) for n in view.names[:200]
+    ):
+        return "text encoder"
+    return "unknown"
+
+
+def expect(view: WeightsFile, kind: str) -> None:
+    """A ConfigError naming the file and key when `view` does not hold a `kind` model."""
+    found = what_is(view)
+    if found == kind:
+        return
+    hint = {
+        "lora": "this is a LoRA/LyCORIS adapter, not a model: pick the base model file here",
+        "vae": "this is a VAE: set it as pretrained_vae_model_name_or_path",
+        "text encoder": "this is a text encoder: name it in text_encoder_N_path",
+        "flux": "this is a Flux model: set model_family flux",
+        "hidream": "this is a HiDream model: set model_family hidream",
+    }.get(found, "no known model layout was found")
+    want = "a VAE (ae.safetensors)" if kind == "vae" else f"a {kind} diffusion model"
+    raise ConfigError(f"{view.where}: {view.path.name} is not {want} ({hint}).")
+
+
+def model_part(wf: WeightsFile, kind: str) -> WeightsFile:
+    """The view holding the `kind` model in a diffusion-model file or an all-in-one checkpoint."""
+    view = wf.part("vae") if kind == "vae" else wf.part("diffusion_model")
+    view = view or wf
+    expect(view, kind)
+    return view
+
+
+def _count(view: WeightsFile, prefix: str) -> int:
+    return len({n[len(prefix) :].split(".", 1)[0] for n in view.names if n.startswith(prefix)})
+
+
+def _metadata_unet(view: WeightsFile) -> dict[str, Any] | None:
+    raw = view.metadata.get(UNET_CONFIG_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _axes(head_dim: int) -> list[int]:
+    """Flux's RoPE axes: (16, 56, 56) at head 128; otherwise a quarter for the index axis, the rest
+    split between rows and columns (the tiny model's 4+6+6 = 16)."""
+    if head_dim == 128:
+        return [16, 56, 56]
+    first = (head_dim // 4) // 2 * 2
+    return [first, (head_dim - first) // 2, (head_dim - first) // 2]
+
+
+# -- Flux ------------------------------------------------------------------------------------------
+
+
+def flux_config(view: WeightsFile) -> dict[str, Any]:
+    """diffusers FluxTransformer2DModel config from a BFL-keyed view."""
+    hidden, in_channels = view.shape("img_in.weight")
+    head_dim = view.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if view.shape("double_blocks.0.img_mlp.0.weight")[0] != 4 * hidden:
+        raise ConfigError(
+            f"{view.where}: {view.path.name}: Flux MLP width is not 4x hidden; unsupported variant"
+        )
+    meta = _metadata_unet(view)
+    config = {
+        "attention_head_dim": head_dim,
+        "axes_dims_rope": list(meta["axes_dim"]) if meta else _axes(head_dim),
+        "guidance_embeds": "guidance_in.in_layer.weight" in view,
+        "in_channels": in_channels,
+        "joint_attention_dim": view.shape("txt_in.weight")[1],
+        "num_attention_heads": hidden // head_dim,
+        "num_layers": _count(view, "double_blocks."),
+        "num_single_layers": _count(view, "single_blocks."),
+        "out_channels": None,
+        "patch_size": 1,
+        "pooled_projection_dim": view.shape("vector_in.in_layer.weight")[1],
+    }
+    if view.shape("final_layer.linear.weight")[0] != in_channels:
+        config["out_channels"] = view.shape("final_layer.linear.weight")[0]
+    shipped = shipped_config("flux-dev" if config["guidance_embeds"] else "flux-schnell")
+    shipped.pop("_class_name")
+    return shipped if config == shipped else config
+
+
+def flux_flavour(view: WeightsFile) -> str:
+    """dev (guidance embedding) or schnell (none): the only Flux flavours a file tells apart."""
+    return "dev" if "guidance_in.in_layer.weight" in view else "schnell"
+
+
+def _flux_tensors(view: WeightsFile, hidden: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(diffusers name, tensor) in file order: each ComfyUI tensor read once, then split."""
+    try:
+        plan = flux_from_comfy_plan(view.names, hidden)
+    except ConfigError as e:
+        raise ConfigError(f"{view.where}: {view.path.name}: {e}") from None
+    by_source: dict[str, list[tuple[str, Any]]] = {}
+    for name, (src, start, stop, swap) in plan.items():
+        by_source.setdefault(src, []).append((name, (start, stop, swap)))
+    for src in view.names:
+        if src in by_source:
+            t = view.tensor(src)
+            for name, piece in by_source[src]:
+                yield name, flux_source_tensor(t, *piece)
+
+
+def load_flux_transformer(view: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    config = flux_config(view)
+    with empty_weights():
+        module = FluxTransformer2DModel.from_config(config)
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    expected = set(module.state_dict())
+    planned = set(flux_from_comfy_plan(view.names, hidden))
+    if planned != expected:  # judged from names alone, before reading any weight
+        gap = sorted(expected ^ planned)
+        raise ConfigError(
+            f"{view.where}: {view.path.name} is an incomplete Flux model ({len(gap)} tensor(s) differ, "
+            f"e.g. {', '.join(gap[:4])}); use the complete diffusion-model file."
+        )
+    return load_module(module, _flux_tensors(view, hidden), dtype, where=f"{view.where}: {view.path.name}")
+
+
+# -- HiDream ---------------------------------------------------------------------------------------
+
+_HIDREAM_FULL = {"inner": 2560, "num_layers": 16, "num_single_layers": 32}
+
+
+def hidream_config(view: WeightsFile) -> dict[str, Any]:
+    inner = view.shape("x_embedder.proj.weight")[0]
+    counts = {
+        "num_layers": _count(view, "double_stream_blocks."),
+        "num_single_layers": _count(view, "single_stream_blocks."),
+    }
+    if {"inner": inner, **counts} == _HIDREAM_FULL:
+        config = shipped_config("hidream-i1")
+        config.pop("_class_name")
+        return config
+    meta = _metadata_unet(view)
+    if meta is None:
+        raise ConfigError(
+            f"{view.where}: {view.path.name} is a HiDream model of unusual size (width {inner}, {counts}) "
+            f"without '{UNET_CONFIG_KEY}' metadata, so its llama_layers cannot be known; use the "
+            "full-size HiDream-I1 file or one written by `tunegraph tiny-models --comfyui`."
+        )
+    return {k: v for k, v in meta.items() if k != "image_model"}
+
+
+def load_hidream_transformer(view: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    with empty_weights():
+        module = HiDreamImageTransformer2DModel.from_config(hidream_config(view))
+    # diffusers' convert_hidream_transformer_to_diffusers only strips `model.diffusion_model.`,
+    # which the view has done: the names are the module's own.
+    tensors = {name: (lambda name=name: view.tensor(name)) for name in view.names}
+    return load_module(module, tensors, dtype, where=f"{view.where}: {view.path.name}")
+
+
+# -- VAE -------------------------------------------------------------------------------------------
+
+
+def vae_config(view: WeightsFile) -> dict[str, Any]:
+    """diffusers AutoencoderKL config of an LDM-keyed VAE; Flux's latent shift/scale."""
+    blocks = _count(view, "encoder.down.")
+    channels = [view.shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(blocks)]
+    config = shipped_config("flux-vae")
+    config.pop("_class_name")
+    inferred = {
+        **config,
+        "block_out_channels": channels,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "latent_channels": view.shape("decoder.conv_in.weight")[1],
+        "layers_per_block": _count(view, "encoder.down.0.block."),
+        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in view,
+        "norm_num_groups": min(32, channels[0] // 2),  # 32 at full size; the tiny VAE's 4
+        "use_quant_conv": "quant_conv.weight" in view,
+        "use_post_quant_conv": "post_quant_conv.weight" in view,
+    }
+    if inferred["latent_channels"] != 16:
+        raise ConfigError(
+            f"{view.where}: {view.path.name} is not a Flux VAE (16 latent channels); use ae.safetensors"
+        )
+    return inferred
+
+
+def load_vae(view: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    config = vae_config(view)
+    with empty_weights():
+        module = AutoencoderKL.from_config(config)
+    sd = convert_ldm_vae_checkpoint({n: view.tensor(n) for n in view.names}, config)
+    return load_module(module, sd, dtype, where=f"{view.where}: {view.path.name}")
+
+
+# -- entry points for the families -----------------------------------------------------------------
+
+TRANSFORMER_LOADERS = {"flux": load_flux_transformer, "hidream": load_hidream_transformer}
+
+
+def transformer_from_file(family: str, wf: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
+    return TRANSFORMER_LOADERS[family](model_part(wf, family), dtype)
+
+
+def vae_from_file(wf: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
+    return load_vae(model_part(wf, "vae"), dtype)
+
+
+def file_flavour(family: str, wf: WeightsFile, origin: str) -> str:
+    """The flavour a file tells (Flux dev/schnell); HiDream's full/dev/fast share one layout."""
+    view = model_part(wf, family)
+    if family == "flux":
+        return flux_flavour(view)
+    raise ConfigError(
+        f"{origin}: model_flavour is not set and {wf.path.name} cannot tell it (HiDream full, dev and "
+        "fast files have the same layout): set model_flavour to full, dev or fast."
+    )
+
+
+def source_flavour(family: str, source: Any) -> str | None:
+    """The flavour the ComfyUI file(s) of a ModelSource tell, or None when no file is named."""
+    for key in ("pretrained_transformer_model_name_or_path", "pretrained_model_name_or_path"):
+        wf = source.weights_file(key)
+        if wf is not None:
+            return file_flavour(family, wf, source.origin)
+    return None
+
+
+def checkpoint_parts(family: str, wf: WeightsFile, dtype: torch.dtype | None, source: Any) -> dict[str, Any]:
+    """Transformer and VAE of an all-in-one ComfyUI checkpoint (`model.diffusion_model.*`, `vae.*`),
+    plus its text encoders through `checkpoint_text_encoders`."""
+    if wf.part("vae") is None:
+        raise ConfigError(
+            f"{wf.where}: {wf.path.name} holds no VAE (`vae.*`), so it is a diffusion-model file, not an "
+            "all-in-one checkpoint: set it as pretrained_transformer_model_name_or_path instead."
+        )
+    parts = {"transformer": transformer_from_file(family, wf, dtype), "vae": vae_from_file(wf, dtype)}
+    parts.update(checkpoint_text_encoders(family, wf, source))
+    return parts
+
+
+def checkpoint_text_encoders(family: str, wf: WeightsFile, source: Any) -> dict[str, Any]:
+    """Text encoders, tokenizers and scheduler for an all-in-one checkpoint; its `text_encoders.*`
+    part is `wf.part("text_encoders")`. (Issue 13's text-encoder half fills this in.)"""
+    raise ConfigError(
+        f"{wf.where}: reading text encoders from an all-in-one checkpoint ({wf.path.name}) is not "
+        "supported yet: point pretrained_model_name_or_path at a diffusers folder and set "
+        "pretrained_transformer_model_name_or_path and pretrained_vae_model_name_or_path to this file."
+    )
