@@ -84,7 +84,7 @@ class ModelSource:
         return p if p is not None and p.is_dir() else None
 
     def weights_file(self, key: str) -> WeightsFile | None:
-        """The ComfyUI-format file path key `key` names, opened (memory-mapped); None for a folder."""
+        """The ComfyUI-format file path key `key` names, opened (header only); None for a folder."""
         p = self.resolve(key)
         return WeightsFile.open(p, self.origin, key) if p is not None and p.is_file() else None
 

@@ -1,4 +1,4 @@
-"""One reader for ComfyUI-format `.safetensors` files: memory-mapped, prefix views, scaled fp8 folded.
+"""One reader for ComfyUI-format `.safetensors` files: header first, prefix views, scaled fp8 folded.
 
 A ComfyUI file is a flat safetensors state dict. A diffusion-model file has bare (BFL / diffusers)
 names or `model.diffusion_model.` ones; an all-in-one checkpoint also holds `text_encoders.*` (Flux,
@@ -11,8 +11,9 @@ weight is `weight.float() * scale_weight`. `tensor()` folds that in; the bookkee
 in `names`. Newer per-layer quantisation layouts (`_quantization_metadata`, `.comfy_quant`, nvfp4's
 `weight_scale_2` ...) are refused with a clear error rather than loaded wrong.
 
-`load_module` fills a module built on the meta device block by block with `assign=True`, so host RAM
-peaks near the file's size (stock `from_single_file` holds a second copy: ~1.27x).
+`load_module` fills a module built on the meta device block by block with `assign=True`; tensors are
+read with `readinto` into fresh memory (no file pages stay mapped), so host RAM peaks at ~1.0x the
+loaded weights (benchmarks/single_file_memory.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _is_bookkeeping(name: str) -> bool:
 
 
 class WeightsFile:
-    """A memory-mapped safetensors file (or a prefix view of one). `origin` and `key` name the config
+    """A safetensors file, header read at open, tensors on demand (or a prefix view of one). `origin` and `key` name the config
     and key the file came from, for error messages."""
 
     def __init__(self, handle: Any, path: Path, origin: str, key: str, prefix: str = ""):
