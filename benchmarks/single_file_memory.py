@@ -90,7 +90,7 @@ def child(mode: str, path: str, cfg_dir: str) -> None:
     loaded = status_bytes("VmHWM")
     with torch.no_grad():  # touch every weight, as the first step does (memory-mapped pages load now)
         for p in model.parameters():
-            p.max()
+            p.detach().reshape(-1).view(torch.uint8).max()  # bytes: float8 has no max() on CPU
     touched = status_bytes("VmHWM")
     print(json.dumps({"peak": loaded - before, "touched": touched - before}))
 
