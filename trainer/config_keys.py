@@ -136,6 +136,10 @@ KEYS: dict[str, Key] = {
     "base_model_default_dtype": _k("str", "bf16", "bf16", "fp32"),
     **{f"text_encoder_{i}_precision": _k("str", "no_change", *PRECISIONS) for i in range(1, 5)},
     "quantize_via": _k("str", None, "cpu", "accelerator"),
+    # issue 13: text-encoder files (family order: Flux CLIP-L, T5; HiDream CLIP-L, CLIP-G, T5, Llama) and
+    # the ComfyUI install their tokenizers come from (default: the running ComfyUI, else $COMFYUI_DIR)
+    **{f"text_encoder_{i}_path": _k("str", None) for i in range(1, 5)},
+    "comfyui_path": _k("str", None),
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01),
