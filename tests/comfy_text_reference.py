@@ -2,6 +2,7 @@
 
     python -m comfy_text_reference tokenize <comfyui> <prompts.json> <out.json>
     python -m comfy_text_reference save <comfyui> <job.json> <out_dir>
+    python -m comfy_text_reference shapes <comfyui> <out.json>
 
 `tokenize`: the ids ComfyUI's own tokenizer classes give (SDTokenizer for CLIP-L, SDXLClipGTokenizer,
 T5XXLTokenizer) for each prompt; Llama's from the `tokenizers` library over ComfyUI's tokenizer.json
@@ -179,10 +180,25 @@ def save(comfy_dir: str, job_path: str, out_dir: str) -> None:
             save_file(ref, str(out / f"{stem}.reference.safetensors"))
 
 
+def shapes(comfy_dir: str, out_path: str) -> None:
+    """{encoder: {name: shape}} of ComfyUI's full-size HiDream text encoders (CLIP-L, CLIP-G, T5-XXL,
+    Llama 3.1 8B) as CLIPSave would write them, built on the meta device (no memory)."""
+    import comfy.text_encoders.hidream as hidream
+    import torch
+
+    with torch.device("meta"):
+        model = hidream.hidream_clip()(device="meta", dtype=torch.bfloat16, model_options={})
+    out: dict = {}
+    for name, t in model.state_dict().items():
+        encoder, _, rest = name.partition(".")
+        out.setdefault(encoder, {})[rest.removeprefix("transformer.")] = list(t.shape)
+    Path(out_path).write_text(json.dumps(out))
+
+
 def main() -> None:
     command, comfy_dir, *args = sys.argv[1:]
     import_comfy(comfy_dir)
-    {"tokenize": tokenize, "save": save}[command](comfy_dir, *args)
+    {"tokenize": tokenize, "save": save, "shapes": shapes}[command](comfy_dir, *args)
 
 
 if __name__ == "__main__":

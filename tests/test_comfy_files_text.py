@@ -235,3 +235,41 @@ def test_truncated_file_is_a_clear_error(text_files, folders, tmp_path) -> None:
     msg = _error(folders["flux"], text_encoder_1_path=str(text_files / "flux_clip_l_bf16.safetensors"),
                  text_encoder_2_path=str(bad))  # fmt: skip
     assert "text_encoder_2_path" in msg and "t5xxl_fp16.safetensors" in msg and "truncated" in msg
+
+
+class _Shapes:
+    """Names and shapes of a full-size file, without its gigabytes: what planning reads."""
+
+    def __init__(self, shapes: dict[str, list[int]], name: str):
+        self.names, self._shapes = list(shapes), shapes
+        self.path, self.where = Path(name), f"test: key '{name}'"
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name])
+
+
+def test_full_size_configs_fit_comfyui_layouts(tmp_path) -> None:
+    """Our shipped full-size configs build modules whose every tensor matches ComfyUI's own full-size
+    CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B (built on meta in ComfyUI, names as CLIPSave writes them)."""
+    from tunegraph.trainer.models.text_encoder_files import plan_text_encoder
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = tmp_path / "shapes.json"
+    cmd = [sys.executable, "-m", "comfy_text_reference", "shapes", str(COMFY_DIR), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layouts = json.loads(out.read_text())
+    cases = [("clip_l", "flux", 0), ("clip_l", "hidream", 0), ("clip_g", "hidream", 1),
+             ("t5xxl", "flux", 1), ("t5xxl", "hidream", 2), ("llama", "hidream", 3)]  # fmt: skip
+    for encoder, family, index in cases:
+        plan = plan_text_encoder(_Shapes(layouts[encoder], f"{encoder}.safetensors"), SLOTS[family][index])
+        assert not plan.tiny, (encoder, family)
+        params = dict(plan.module.state_dict())
+        for name, file_name in plan.names.items():
+            assert tuple(params[name].shape) == tuple(layouts[encoder][file_name]), (encoder, name)
+    # HiDream's long CLIP (248 positions) takes its position count from the file
+    long_clip = {**layouts["clip_l"], "text_model.embeddings.position_embedding.weight": [248, 768]}
+    assert (
+        plan_text_encoder(_Shapes(long_clip, "clip_l_hidream.safetensors"), SLOTS["hidream"][0]).max_positions
+        == 248
+    )
