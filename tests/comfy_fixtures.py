@@ -29,7 +29,9 @@ import io
 import json
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}  # fmt: skip
 SCALED = "scaled_fp8"
@@ -64,12 +66,18 @@ def comfy_model(unet: dict, sd: dict, weight_dtype, scaled: bool, strict: bool =
         config.scaled_fp8 = torch.float8_e4m3fn
         weight_dtype = torch.float32  # what load_checkpoint picks for the non-Linear layers
     device = mm.get_torch_device()
-    config.set_inference_dtype(weight_dtype, mm.unet_manual_cast(weight_dtype, device, config.supported_inference_dtypes))
+    config.set_inference_dtype(
+        weight_dtype, mm.unet_manual_cast(weight_dtype, device, config.supported_inference_dtypes)
+    )
     model = config.get_model(sd, "")
     missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
     if strict and (missing or unexpected):
-        raise SystemExit(f"weights do not fit ComfyUI's model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+        raise SystemExit(
+            f"weights do not fit ComfyUI's model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=device, offload_device=mm.unet_offload_device()
+    )
 
 
 def scaled_state_dict(unet: dict, sd: dict) -> dict:
@@ -118,7 +126,13 @@ def comfy_forward(path: str, bundle, inputs: dict):
     e = inputs["embeds"]
     with torch.no_grad():
         if unet["image_model"] == "flux":
-            return dm(inputs["x"], inputs["sigmas"], e["prompt_embeds"], y=e["pooled_prompt_embeds"], guidance=inputs["guidance"])
+            return dm(
+                inputs["x"],
+                inputs["sigmas"],
+                e["prompt_embeds"],
+                y=e["pooled_prompt_embeds"],
+                guidance=inputs["guidance"],
+            )
         llama = hidream_llama_stack(bundle, e["llama_prompt_embeds"])
         return dm(inputs["x"], inputs["sigmas"] * 1000, y=e["pooled_prompt_embeds"], context=e["t5_prompt_embeds"],
                   encoder_hidden_states_llama3=llama)  # fmt: skip
@@ -169,6 +183,20 @@ def write_family(family: str, out_dir: str) -> dict:
     }
     outputs = {fmt: comfy_forward(files[fmt], bundle, inputs) for fmt in ("fp8_e4m3fn", "fp8_e5m2", SCALED)}
     torch.save({"inputs": inputs, "outputs": outputs}, os.path.join(out_dir, f"{family}-forward.pt"))
+    return files
+
+
+def write_in_child(out_dir: Path) -> dict:
+    """Run this module in a child process (`python -m comfy_fixtures`); {family: {format: path}, "dir": ...}."""
+    from comfy_server import COMFY_DIR
+
+    tests = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "-m", "comfy_fixtures", str(COMFY_DIR), str(out_dir), "flux,hidream"],
+                          cwd=tests, capture_output=True, text=True, timeout=600)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"comfy_fixtures failed:\n{proc.stderr[-3000:]}{proc.stdout[-2000:]}")
+    files = json.loads(proc.stdout.strip().splitlines()[-1])
+    files["dir"] = str(out_dir)
     return files
 
 

@@ -7,15 +7,12 @@ Bad files are one clear ConfigError naming the file and the key.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from comfy_server import COMFY_DIR, comfy_available
+from comfy_server import comfy_available
 from safetensors.torch import save_file
 
 from tunegraph.trainer.config import TrainConfig
@@ -23,7 +20,9 @@ from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.models import load_model
 from tunegraph.trainer.models.loading import ModelSource
 
-pytestmark = pytest.mark.skipif(not comfy_available(), reason="no ComfyUI: run `make comfyui` or set COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(
+    not comfy_available(), reason="no ComfyUI: run `make comfyui` or set COMFYUI_DIR"
+)
 TESTS = Path(__file__).resolve().parent
 FAMILIES = ("flux", "hidream")
 TRANSFORMER = "pretrained_transformer_model_name_or_path"
@@ -31,19 +30,7 @@ VAE = "pretrained_vae_model_name_or_path"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bare": torch.bfloat16}
 
 
-@pytest.fixture(scope="module")
-def comfy_files(tmp_path_factory) -> dict:
-    """{family: {format: path}} written by ComfyUI's ModelSave / save_checkpoint (once per module)."""
-    out = tmp_path_factory.mktemp("comfy-files")
-    proc = subprocess.run([sys.executable, "-m", "comfy_fixtures", str(COMFY_DIR), str(out), ",".join(FAMILIES)],
-                          cwd=TESTS, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
-    files = json.loads(proc.stdout.strip().splitlines()[-1])
-    files["dir"] = str(out)
-    return files
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> dict:
     """The same tiny models (seed 0) as diffusers folders: the reference."""
     out = tmp_path_factory.mktemp("diffusers")
@@ -100,14 +87,21 @@ def test_vae_and_all_in_one_files_equal_folder_model(comfy_files, folders, famil
         _same_weights(ours.vae, ref.vae)
         _same_weights(ours.transformer, ref.transformer)
         pixels = torch.rand(1, 3, 32, 32) * 2 - 1
-        assert _rel(ours.decode_latents(ours.encode_images(pixels)), ref.decode_latents(ref.encode_images(pixels))) <= 1e-5
+        assert (
+            _rel(
+                ours.decode_latents(ours.encode_images(pixels)), ref.decode_latents(ref.encode_images(pixels))
+            )
+            <= 1e-5
+        )
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_e5m2", "scaled_fp8"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp8_file_equals_comfyui_forward(comfy_files, folders, family: str, fmt: str) -> None:
     saved = _inputs(comfy_files, family)
-    ours = load_model(_cfg(family, pretrained_model_name_or_path=folders[family], **{TRANSFORMER: comfy_files[family][fmt]}))
+    ours = load_model(
+        _cfg(family, pretrained_model_name_or_path=folders[family], **{TRANSFORMER: comfy_files[family][fmt]})
+    )
     theirs = saved["outputs"][fmt]
     assert torch.isfinite(theirs).all()  # the stock diffusers path outputs NaN on scaled fp8
     assert _rel(_predict(ours, saved), theirs) <= 1e-4
@@ -161,12 +155,17 @@ def test_lora_file_picked_as_model(tmp_path) -> None:
     from tunegraph.trainer.adapters import attach_adapter
 
     bundle = load_model(_cfg("flux"))
-    adapter = attach_adapter(bundle.transformer, TrainConfig.from_dict({"lora_type": "standard", "lora_rank": 2}), bundle)
+    adapter = attach_adapter(
+        bundle.transformer, TrainConfig.from_dict({"lora_type": "standard", "lora_rank": 2}), bundle
+    )
     path = adapter.save(tmp_path / "pytorch_lora_weights.safetensors", {"family": "flux"})
     assert "LoRA/LyCORIS adapter, not a model" in _load_error("flux", path)
 
 
 def test_newer_quant_layout_refused(tmp_path) -> None:
     path = tmp_path / "flux-nvfp4.safetensors"
-    save_file({"img_in.weight": torch.zeros(2, 2), "img_in.comfy_quant": torch.zeros(3, dtype=torch.uint8)}, str(path))
+    save_file(
+        {"img_in.weight": torch.zeros(2, 2), "img_in.comfy_quant": torch.zeros(3, dtype=torch.uint8)},
+        str(path),
+    )
     assert "newer ComfyUI per-layer quantisation" in _load_error("flux", path)

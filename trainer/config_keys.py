@@ -132,7 +132,8 @@ KEYS: dict[str, Key] = {
     "tracker_project_name": _k("str", None),
     "logging_dir": _k("str", None),
     # precision: quantised base and text encoders (trainer/quantize.py); bf16|fp32 for what stays unquantised
-    "base_model_precision": _k("str", "no_change", *PRECISIONS),
+    # issue 13: fp8-file trains on an fp8 / scaled-fp8 ComfyUI file's own float8 weights
+    "base_model_precision": _k("str", "no_change", *PRECISIONS, "fp8-file"),
     "base_model_default_dtype": _k("str", "bf16", "bf16", "fp32"),
     **{f"text_encoder_{i}_precision": _k("str", "no_change", *PRECISIONS) for i in range(1, 5)},
     "quantize_via": _k("str", None, "cpu", "accelerator"),

@@ -128,7 +128,7 @@ class FluxModel(ModelBundle):
                 f"weights: download {cls.hub_ids.get(flavour, 'the model')} yourself and set the key to the "
                 "local diffusers folder, or use model_flavour 'tiny' for the built-in test model."
             )
-        apply_overrides(parts, source, dtype, FluxTransformer2DModel, cls.family)
+        apply_overrides(parts, source, dtype, FluxTransformer2DModel, cls.family, device)
         parts.update(text_files.load(dtype) if text_files else {})
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
             parts[name] = place_module(parts[name], device, dtype)

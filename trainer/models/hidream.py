@@ -149,7 +149,7 @@ class HiDreamModel(ModelBundle):
                 "text_encoder_4) yourself and set the key to the local diffusers folder, or use "
                 "model_flavour 'tiny' for the built-in test model."
             )
-        apply_overrides(parts, source, dtype, HiDreamImageTransformer2DModel, cls.family)
+        apply_overrides(parts, source, dtype, HiDreamImageTransformer2DModel, cls.family, device)
         parts.update(text_files.load(dtype) if text_files else {})
         encoders = ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"]
         for name in ["transformer", "vae", *encoders]:

@@ -38,6 +38,7 @@ class ModelSource:
     pretrained_transformer_model_name_or_path: str | None = None
     pretrained_transformer_subfolder: str | None = "transformer"
     seed: int = 0
+    base_model_precision: str | None = None  # issue 13: "fp8-file" keeps an fp8 file's weights fp8
     base_dir: Path | None = None
     origin: str = "model source"
     # issue 13: text_encoder_1_path .. text_encoder_4_path (family order) and comfyui_path
@@ -53,6 +54,7 @@ class ModelSource:
             flavour=getattr(cfg, "model_flavour", None),
             pretrained_transformer_subfolder=subfolder,
             seed=int(getattr(cfg, "tiny_model_seed", None) or 0),
+            base_model_precision=getattr(cfg, "base_model_precision", None),
             base_dir=getattr(cfg, "config_dir", None),
             origin=getattr(cfg, "source", "config"),
             text_encoder_paths=tuple(getattr(cfg, f"text_encoder_{i}_path", None) for i in range(1, 5)),
@@ -139,17 +141,27 @@ def load_folder_parts(
 
 
 def apply_overrides(
-    parts: dict[str, Any], source: ModelSource, dtype: torch.dtype, transformer_cls: Any, family: str = "flux"
+    parts: dict[str, Any],
+    source: ModelSource,
+    dtype: torch.dtype,
+    transformer_cls: Any,
+    family: str = "flux",
+    device: torch.device | str = "cpu",
 ) -> None:
     """pretrained_transformer_* / pretrained_vae_* replace those components of `parts`; each may be
     a diffusers folder or a ComfyUI-format .safetensors file (issue 13)."""
     from diffusers import AutoencoderKL
 
+    from ..quantize import PRECISION_ATTR
+    from .fp8_base import FP8_FILE, check_fp8_device, not_fp8_file
     from .single_file import transformer_from_file, vae_from_file
 
     key = "pretrained_transformer_model_name_or_path"
     if (wf := source.weights_file(key)) is not None:
-        parts["transformer"] = transformer_from_file(family, wf, dtype)
+        fp8_base = source.base_model_precision == FP8_FILE
+        if fp8_base:
+            check_fp8_device(device, f"{source.origin}: key '{key}': {wf.path.name}")
+        parts["transformer"] = transformer_from_file(family, wf, dtype, fp8_base)
     elif (root := source.folder(key)) is not None:
         folder = component_folder(root, source.pretrained_transformer_subfolder, key, source.origin)
         parts["transformer"] = load_component(transformer_cls, folder, dtype, key, source.origin)
@@ -159,6 +171,12 @@ def apply_overrides(
     elif (root := source.folder(key)) is not None:
         folder = component_folder(root, "vae", key, source.origin)
         parts["vae"] = load_component(AutoencoderKL, folder, dtype, key, source.origin)
+    if (
+        source.base_model_precision == FP8_FILE
+        and getattr(parts["transformer"], PRECISION_ATTR, None) != FP8_FILE
+    ):
+        key = "pretrained_transformer_model_name_or_path"
+        raise not_fp8_file(f"{source.origin}: key '{key}'", "the transformer given (not a ComfyUI fp8 file)")
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from .comfy_keys import UNET_CONFIG_KEY, flux_from_comfy_plan, flux_source_tensor
+from .fp8_base import FP8_FILE, fp8_layers, not_fp8_file, swap_fp8_linears
 from .weights_file import WeightsFile, empty_weights, load_module
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -132,38 +133,68 @@ def flux_flavour(view: WeightsFile) -> str:
     return "dev" if "guidance_in.in_layer.weight" in view else "schnell"
 
 
-def _flux_tensors(view: WeightsFile, hidden: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(diffusers name, tensor) in file order: each ComfyUI tensor read once, then split."""
-    try:
-        plan = flux_from_comfy_plan(view.names, hidden)
-    except ConfigError as e:
-        raise ConfigError(f"{view.where}: {view.path.name}: {e}") from None
+def _flux_tensors(view: WeightsFile, plan: dict, read: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(diffusers name, tensor) in file order: each ComfyUI tensor read once (`read(src)`), then split."""
     by_source: dict[str, list[tuple[str, Any]]] = {}
     for name, (src, start, stop, swap) in plan.items():
         by_source.setdefault(src, []).append((name, (start, stop, swap)))
     for src in view.names:
         if src in by_source:
-            t = view.tensor(src)
+            t = read(src)
             for name, piece in by_source[src]:
                 yield name, flux_source_tensor(t, *piece)
 
 
-def load_flux_transformer(view: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
+def load_flux_transformer(
+    view: WeightsFile, dtype: torch.dtype | None, fp8_base: bool = False
+) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
     config = flux_config(view)
     with empty_weights():
         module = FluxTransformer2DModel.from_config(config)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    try:
+        plan = flux_from_comfy_plan(view.names, hidden)
+    except ConfigError as e:
+        raise ConfigError(f"{view.where}: {view.path.name}: {e}") from None
     expected = set(module.state_dict())
-    planned = set(flux_from_comfy_plan(view.names, hidden))
-    if planned != expected:  # judged from names alone, before reading any weight
-        gap = sorted(expected ^ planned)
+    if set(plan) != expected:  # judged from names alone, before reading any weight
+        gap = sorted(expected ^ set(plan))
         raise ConfigError(
             f"{view.where}: {view.path.name} is an incomplete Flux model ({len(gap)} tensor(s) differ, "
             f"e.g. {', '.join(gap[:4])}); use the complete diffusion-model file."
         )
-    return load_module(module, _flux_tensors(view, hidden), dtype, where=f"{view.where}: {view.path.name}")
+    source = {name: src for name, (src, *_) in plan.items()}
+    return _fill(module, view, source, dtype, fp8_base, lambda read: _flux_tensors(view, plan, read), "flux")
+
+
+def _fill(
+    module, view: WeightsFile, source: dict[str, str], dtype, fp8_base: bool, tensors: Any, family: str
+):
+    """Load `module` from `view` (`source`: diffusers name -> file name); with `fp8_base` the file's
+    float8 Linear weights stay float8 in Fp8Linear layers (fp8_base.py)."""
+    where = f"{view.where}: {view.path.name}"
+    fp8 = set()
+    if fp8_base:
+        from ..quantize import KEEP, PRECISION_ATTR
+
+        fp8 = fp8_layers(
+            module, lambda name: view.dtype(source[name]) if name in source else None, KEEP[family]
+        )
+        if not fp8:
+            raise not_fp8_file(view.where, view.path.name)
+        swap_fp8_linears(module, fp8)
+        setattr(module, PRECISION_ATTR, FP8_FILE)
+    raw = {source[f"{n}.weight"] for n in fp8}
+    module = load_module(
+        module, tensors(lambda src: view.raw(src) if src in raw else view.tensor(src, dtype)), None, where
+    )
+    for name in fp8:
+        scale = view.scale(source[f"{name}.weight"])
+        if scale is not None:
+            module.get_submodule(name).scale.fill_(scale)
+    return module
 
 
 # -- HiDream ---------------------------------------------------------------------------------------
@@ -191,15 +222,25 @@ def hidream_config(view: WeightsFile) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k != "image_model"}
 
 
-def load_hidream_transformer(view: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
+def load_hidream_transformer(
+    view: WeightsFile, dtype: torch.dtype | None, fp8_base: bool = False
+) -> torch.nn.Module:
     from diffusers import HiDreamImageTransformer2DModel
 
     with empty_weights():
         module = HiDreamImageTransformer2DModel.from_config(hidream_config(view))
     # diffusers' convert_hidream_transformer_to_diffusers only strips `model.diffusion_model.`,
     # which the view has done: the names are the module's own.
-    tensors = {name: (lambda name=name: view.tensor(name)) for name in view.names}
-    return load_module(module, tensors, dtype, where=f"{view.where}: {view.path.name}")
+    source = {name: name for name in view.names}
+    return _fill(
+        module,
+        view,
+        source,
+        dtype,
+        fp8_base,
+        lambda read: {n: (lambda n=n: read(n)) for n in source},
+        "hidream",
+    )
 
 
 # -- VAE -------------------------------------------------------------------------------------------
@@ -246,8 +287,10 @@ def load_vae(view: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
 TRANSFORMER_LOADERS = {"flux": load_flux_transformer, "hidream": load_hidream_transformer}
 
 
-def transformer_from_file(family: str, wf: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
-    return TRANSFORMER_LOADERS[family](model_part(wf, family), dtype)
+def transformer_from_file(
+    family: str, wf: WeightsFile, dtype: torch.dtype | None, fp8_base: bool = False
+) -> torch.nn.Module:
+    return TRANSFORMER_LOADERS[family](model_part(wf, family), dtype, fp8_base)
 
 
 def vae_from_file(wf: WeightsFile, dtype: torch.dtype | None) -> torch.nn.Module:
@@ -282,7 +325,11 @@ def checkpoint_parts(family: str, wf: WeightsFile, dtype: torch.dtype | None, so
             f"{wf.where}: {wf.path.name} holds no VAE (`vae.*`), so it is a diffusion-model file, not an "
             "all-in-one checkpoint: set it as pretrained_transformer_model_name_or_path instead."
         )
-    parts = {"transformer": transformer_from_file(family, wf, dtype), "vae": vae_from_file(wf, dtype)}
+    fp8_base = getattr(source, "base_model_precision", None) == FP8_FILE
+    parts = {
+        "transformer": transformer_from_file(family, wf, dtype, fp8_base),
+        "vae": vae_from_file(wf, dtype),
+    }
     parts.update(checkpoint_text_encoders(family, wf, source, dtype))
     return parts
 
