@@ -273,3 +273,27 @@ def test_full_size_configs_fit_comfyui_layouts(tmp_path) -> None:
         plan_text_encoder(_Shapes(long_clip, "clip_l_hidream.safetensors"), SLOTS["hidream"][0]).max_positions
         == 248
     )
+
+
+@pytest.mark.parametrize("family", ["flux", "hidream"])
+def test_model_from_comfyui_files_only(text_files, folders, comfy_files, family: str) -> None:
+    """Transformer file + ae.safetensors + text-encoder files, no diffusers folder: the same model as
+    the folder (and an all-in-one checkpoint without encoders takes text_encoder_N_path beside it)."""
+    keys = {"pretrained_transformer_model_name_or_path": comfy_files[family]["fp32"],
+            "pretrained_vae_model_name_or_path": comfy_files[family]["vae"],
+            **_paths(text_files, family, "fp32")}  # fmt: skip
+    ours, ref = _load(family, None, **keys), _load(family, folders[family])
+    a, b = ours.encode_prompts(PROMPTS[:2]), ref.encode_prompts(PROMPTS[:2])
+    for key in b:
+        assert _rel(a[key], b[key]) <= 1e-5, key
+    g = torch.Generator().manual_seed(0)
+    x, sigmas = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.4, 0.7])
+    with torch.no_grad():
+        assert _rel(ours.predict(x, sigmas, a), ref.predict(x, sigmas, b)) <= 1e-5
+    aio = {
+        "pretrained_model_name_or_path": comfy_files[family]["all_in_one"],
+        **_paths(text_files, family, "bf16"),
+    }
+    assert type(_load(family, None, **aio).text_encoders[-1]).__name__ in ("T5EncoderModel", "LlamaModel")
+    msg = _error(None, family, pretrained_model_name_or_path=comfy_files[family]["all_in_one"])
+    assert "text_encoder_1_path" in msg
