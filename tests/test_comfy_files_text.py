@@ -20,7 +20,7 @@ import pytest
 import torch
 from comfy_server import COMFY_DIR, comfy_available
 from safetensors.torch import load_file
-from text_file_fixtures import IDS, make_text_files
+from text_file_fixtures import FORMATS, IDS
 
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.errors import ConfigError
@@ -34,10 +34,6 @@ pytestmark = pytest.mark.skipif(
     not comfy_available(), reason="no ComfyUI: run `make comfyui` or set COMFYUI_DIR"
 )
 
-FORMATS = {
-    "flux": ["fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2", "scaled_fp8"],
-    "hidream": ["fp32", "bf16", "fp8_e4m3fn", "scaled_fp8"],
-}
 PROMPTS = [
     "a photo of a cat",
     "Portrait of sks woman, 35mm, f/1.8, golden hour!",
@@ -53,10 +49,8 @@ SLOT_OF = {  # fixture name -> (family, slot index)
 
 
 @pytest.fixture(scope="module")
-def text_files(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("comfy-text-files")
-    make_text_files(out, FORMATS)
-    return out
+def text_files(comfy_text_files) -> Path:
+    return comfy_text_files
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,10 @@ ENCODERS = {
     "hidream_t5": ("hidream", "text_encoder_3", "t5"),
     "hidream_llama": ("hidream", "text_encoder_4", "llama"),
 }
+FORMATS = {  # what the tests use (the fp8 ones compared with ComfyUI's forward)
+    "flux": ["fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2", "scaled_fp8"],
+    "hidream": ["fp32", "bf16", "fp8_e4m3fn", "scaled_fp8"],
+}
 # Inside every tiny vocabulary, as long as the tiny CLIPs' positions (ComfyUI's CLIP wants them all).
 IDS = [[0, 5, 17, 9, 30] + [1] * 27, [0, 3] + [1] * 30]
 
