@@ -211,11 +211,10 @@ def flux_from_comfy_plan(names: list[str], hidden: int) -> dict[str, FluxSource]
     return plan
 
 
-def flux_source_tensor(t: torch.Tensor, start: int | None, stop: int | None, swap: bool) -> torch.Tensor:
-    """Apply one `FluxSource` row slice / half swap to the ComfyUI tensor `t` (a fresh tensor)."""
+def flux_source_tensor(read: Any, src: str, start: int | None, stop: int | None, swap: bool) -> torch.Tensor:
+    """One diffusers tensor from ComfyUI tensor `src`: `read(src, rows)` reads it whole (rows None)
+    or only rows [start, stop), so a fused q/k/v weight is never held whole beside its parts."""
     if swap:
-        shift, scale = t.chunk(2, dim=0)
+        shift, scale = read(src, None).chunk(2, dim=0)
         return torch.cat([scale, shift], dim=0)
-    if start is None and stop is None:
-        return t
-    return t[start:stop].clone()
+    return read(src, None if start is None else (start, stop))

@@ -134,15 +134,12 @@ def flux_flavour(view: WeightsFile) -> str:
 
 
 def _flux_tensors(view: WeightsFile, plan: dict, read: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(diffusers name, tensor) in file order: each ComfyUI tensor read once (`read(src)`), then split."""
-    by_source: dict[str, list[tuple[str, Any]]] = {}
-    for name, (src, start, stop, swap) in plan.items():
-        by_source.setdefault(src, []).append((name, (start, stop, swap)))
-    for src in view.names:
-        if src in by_source:
-            t = read(src)
-            for name, piece in by_source[src]:
-                yield name, flux_source_tensor(t, *piece)
+    """(diffusers name, tensor) in file order, each read straight from its rows of the file."""
+    order = {name: i for i, name in enumerate(view.names)}
+    for name, (src, start, stop, swap) in sorted(plan.items(), key=lambda item: order[item[1][0]]):
+        if start is not None and stop is None:
+            stop = view.shape(src)[0]
+        yield name, flux_source_tensor(read, src, start, stop, swap)
 
 
 def load_flux_transformer(
@@ -187,9 +184,11 @@ def _fill(
         swap_fp8_linears(module, fp8)
         setattr(module, PRECISION_ATTR, FP8_FILE)
     raw = {source[f"{n}.weight"] for n in fp8}
-    module = load_module(
-        module, tensors(lambda src: view.raw(src) if src in raw else view.tensor(src, dtype)), None, where
-    )
+
+    def read(src: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return view.raw(src, rows) if src in raw else view.tensor(src, dtype, rows)
+
+    module = load_module(module, tensors(read), None, where)
     for name in fp8:
         scale = view.scale(source[f"{name}.weight"])
         if scale is not None:
