@@ -261,6 +261,8 @@ def test_full_size_configs_fit_comfyui_layouts(tmp_path) -> None:
         params = dict(plan.module.state_dict())
         for name, file_name in plan.names.items():
             assert tuple(params[name].shape) == tuple(layouts[encoder][file_name]), (encoder, name)
+    with pytest.raises(ConfigError, match=r"clip_g\.safetensors holds a CLIP-G .* takes the CLIP-L"):
+        plan_text_encoder(_Shapes(layouts["clip_g"], "clip_g.safetensors"), SLOTS["hidream"][0])
     # HiDream's long CLIP (248 positions) takes its position count from the file
     long_clip = {**layouts["clip_l"], "text_model.embeddings.position_embedding.weight": [248, 768]}
     assert (

@@ -73,12 +73,17 @@ def detect_kind(names: list[str]) -> str | None:
 def check_kind(wf: WeightsFile, slot: EncoderSlot) -> None:
     """A wrong kind of file in a slot is an error naming the key, the file and what it holds."""
     found = detect_kind(wf.names)
-    want = slot.kind if slot.kind in ("t5", "llama") else "clip"
-    if found == want:
+    if found == "clip":  # the full-size CLIPs tell themselves apart by width (tiny ones by config)
+        width = wf.shape("text_model.embeddings.token_embedding.weight")[-1]
+        found = {768: "clip_l", 1280: "clip_g"}.get(
+            width, slot.kind if slot.kind.startswith("clip") else "clip"
+        )
+    if found == slot.kind:
         return
-    what = {"clip": "a CLIP text encoder", "t5": "a T5 text encoder", "llama": "a Llama text encoder"}.get(
+    what = {"clip": "a CLIP text encoder", "clip_l": "a CLIP-L text encoder", "clip_g": "a CLIP-G text encoder",
+            "t5": "a T5 text encoder", "llama": "a Llama text encoder"}.get(
         found or "", f"a {found}" if found else "no text encoder ComfyUI writes"
-    )
+    )  # fmt: skip
     raise ConfigError(
         f"{wf.where}: {wf.path.name} holds {what}, but this key takes the {KIND_NAMES[slot.kind]} text "
         f"encoder. Check the order of text_encoder_N_path ({order_hint()})."
