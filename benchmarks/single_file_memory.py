@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,9 +28,14 @@ CONFIG = {"attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_e
           "joint_attention_dim": 4096, "num_attention_heads": 24, "patch_size": 1, "pooled_projection_dim": 768}  # fmt: skip
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries that over from the
+    parent across fork + exec, so a child would report the writer's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def write_files(folder: Path, double: int, single: int) -> tuple[Path, Path, Path]:
@@ -70,7 +74,7 @@ def child(mode: str, path: str, cfg_dir: str) -> None:
     from tunegraph.trainer.models.single_file import transformer_from_file
     from tunegraph.trainer.models.weights_file import WeightsFile
 
-    before = rss_bytes()
+    before = status_bytes("VmRSS")
     if mode == "ours":
         model = transformer_from_file("flux", WeightsFile.open(path, "benchmark", "file"), torch.bfloat16)
     elif mode == "ours-fp8-base":
@@ -81,7 +85,7 @@ def child(mode: str, path: str, cfg_dir: str) -> None:
         model = FluxTransformer2DModel.from_single_file(
             path, config=cfg_dir, torch_dtype=torch.bfloat16, local_files_only=True
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_bytes("VmHWM")
     print(json.dumps({"peak": peak - before, "params": sum(p.numel() for p in model.parameters())}))
 
 

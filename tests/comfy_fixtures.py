@@ -20,7 +20,9 @@ the stock ModelSave node in every weight format ComfyUI can hold:
   GroupNorm fixes 32 groups; the tiny VAE has 8 channels).
 
 Each fp8 file is then loaded back the ComfyUI way and run forward on fixed inputs; the outputs go to
-`OUT_DIR/<family>-forward.pt` for the tests to compare with our loader's module.
+`OUT_DIR/<family>-forward.pt` for the tests to compare with our loader's module. And for the fp32,
+fp8 and scaled-fp8 files, `adapter_parity` compares our trainer's LoKr on the file with the stock
+LoraLoaderModelOnly on the same file (`OUT_DIR/<family>-adapters.json`).
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ SCALED = "scaled_fp8"
 FP8_MAX = 448.0  # float8_e4m3fn
 
 
+LOGS = io.StringIO()  # ComfyUI's warnings ("lora key not loaded: ...")
+
+
 def start_comfy(comfy_dir: str) -> None:
     sys.path.insert(0, comfy_dir)
-    logging.basicConfig(stream=io.StringIO(), level=logging.WARNING, force=True)
+    logging.basicConfig(stream=LOGS, level=logging.WARNING, force=True)
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -106,14 +111,11 @@ def model_save(patcher, out_dir: str, name: str, unet: dict) -> str:
     return os.path.join(out_dir, f"{name}_00001_.safetensors")
 
 
-def comfy_forward(path: str, bundle, inputs: dict):
-    """Load a saved file the ComfyUI way (explicit shape from its metadata) and run it forward."""
+def comfy_load(path: str):
+    """Load a saved file the ComfyUI way (explicit shape from its metadata): (ModelPatcher, unet config)."""
     import comfy.model_detection
     import comfy.utils
-    import torch
     from safetensors import safe_open
-
-    from tunegraph.nodes.comfy_model import hidream_llama_stack
 
     with safe_open(path, "pt") as f:
         unet = json.loads(f.metadata()["tunegraph_unet_config"])
@@ -121,8 +123,15 @@ def comfy_forward(path: str, bundle, inputs: dict):
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
     scaled = sd.pop("scaled_fp8", None) is not None  # as model_detection.model_config_from_unet
-    weight_dtype = comfy.utils.weight_dtype(sd)
-    dm = comfy_model(unet, sd, weight_dtype, scaled).model.diffusion_model
+    return comfy_model(unet, sd, comfy.utils.weight_dtype(sd), scaled), unet
+
+
+def comfy_run(dm, unet: dict, bundle, inputs: dict):
+    """ComfyUI's diffusion model forward on the test inputs (our predict's layout)."""
+    import torch
+
+    from tunegraph.nodes.comfy_model import hidream_llama_stack
+
     e = inputs["embeds"]
     with torch.no_grad():
         if unet["image_model"] == "flux":
@@ -136,6 +145,71 @@ def comfy_forward(path: str, bundle, inputs: dict):
         llama = hidream_llama_stack(bundle, e["llama_prompt_embeds"])
         return dm(inputs["x"], inputs["sigmas"] * 1000, y=e["pooled_prompt_embeds"], context=e["t5_prompt_embeds"],
                   encoder_hidden_states_llama3=llama)  # fmt: skip
+
+
+def comfy_forward(path: str, bundle, inputs: dict):
+    patcher, unet = comfy_load(path)
+    return comfy_run(patcher.model.diffusion_model, unet, bundle, inputs)
+
+
+ATTN = {"flux": ["FluxTransformerBlock", "FluxSingleTransformerBlock"], "hidream": ["HiDreamAttention"]}
+
+
+def adapter_parity(family: str, path: str, fp8: bool, inputs: dict, out_dir: str) -> dict:
+    """Our trainer: the model from `path` (as an fp8 base for fp8 files), a LoKr with random weights
+    (every wrapped module changes the output), saved, and its prediction. ComfyUI: the SAME file
+    through its loader, the adapter through the stock LoraLoaderModelOnly node, its forward. fp8:
+    ComfyUI's full load re-rounds patched weights to fp8 (comfy/model_patcher.py), its low-VRAM mode
+    patches on the fly in the compute dtype as our bypass does; both are reported."""
+    import folder_paths
+    import torch
+
+    import nodes
+    from tunegraph.trainer.adapters import attach_adapter
+    from tunegraph.trainer.config import TrainConfig
+    from tunegraph.trainer.models import load_model
+
+    name = os.path.basename(path).replace(".safetensors", "")
+    cfg = {
+        "model_family": family,
+        "model_flavour": "tiny",
+        "seed": 0,
+        "pretrained_transformer_model_name_or_path": path,
+    }
+    bundle = load_model(
+        TrainConfig.from_dict({**cfg, **({"base_model_precision": "fp8-file"} if fp8 else {})})
+    )
+    lyco = os.path.join(out_dir, f"{name}-lokr.json")
+    with open(lyco, "w") as f:
+        json.dump({"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 4, "full_matrix": True,
+                   "apply_preset": {"target_module": ATTN[family]}}, f)  # fmt: skip
+    adapter = attach_adapter(bundle.transformer, TrainConfig.from_dict({"model_family": family, "lora_type": "lycoris", "lycoris_config": lyco}), bundle)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        base = bundle.predict(inputs["x"], inputs["sigmas"], inputs["embeds"], inputs["guidance"])
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        ours = bundle.predict(inputs["x"], inputs["sigmas"], inputs["embeds"], inputs["guidance"])
+    lora_dir = os.path.join(out_dir, "loras")
+    os.makedirs(lora_dir, exist_ok=True)
+    adapter.save(os.path.join(lora_dir, f"{name}-lokr.safetensors"), {"family": family})
+    folder_paths.add_model_folder_path("loras", lora_dir)
+    patcher, unet = comfy_load(path)
+    before = LOGS.getvalue().count("lora key not loaded")
+    (patched,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, f"{name}-lokr.safetensors", 1.0)
+    result = {
+        "not_loaded": LOGS.getvalue().count("lora key not loaded") - before,
+        "patches": len(patched.patches),
+    }
+    scale = ours.abs().max().item()
+    result["delta"] = (ours - base).abs().max().item() / scale
+    for mode, lowvram in (("full", 0), ("lowvram", 1)):
+        with torch.inference_mode():  # as ComfyUI runs every node
+            patched.patch_model(lowvram_model_memory=lowvram)
+            theirs = comfy_run(patched.model.diffusion_model, unet, bundle, inputs)
+            patched.unpatch_model()
+        result[f"rel_{mode}"] = (theirs - ours).abs().max().item() / scale
+    return result
 
 
 def write_family(family: str, out_dir: str) -> dict:
@@ -183,6 +257,12 @@ def write_family(family: str, out_dir: str) -> dict:
     }
     outputs = {fmt: comfy_forward(files[fmt], bundle, inputs) for fmt in ("fp8_e4m3fn", "fp8_e5m2", SCALED)}
     torch.save({"inputs": inputs, "outputs": outputs}, os.path.join(out_dir, f"{family}-forward.pt"))
+    adapters = {
+        fmt: adapter_parity(family, files[fmt], fmt != "fp32", inputs, out_dir)
+        for fmt in ("fp32", "fp8_e4m3fn", SCALED)
+    }
+    with open(os.path.join(out_dir, f"{family}-adapters.json"), "w") as f:
+        json.dump(adapters, f)
     return files
 
 

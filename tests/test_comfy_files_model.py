@@ -7,6 +7,7 @@ Bad files are one clear ConfigError naming the file and the key.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,25 @@ def test_newer_quant_layout_refused(tmp_path) -> None:
         str(path),
     )
     assert "newer ComfyUI per-layer quantisation" in _load_error("flux", path)
+
+
+# -- adapters on the file, in stock ComfyUI ---------------------------------------------------------
+
+
+def _adapters(comfy_files: dict, family: str) -> dict:
+    return json.loads((Path(comfy_files["dir"]) / f"{family}-adapters.json").read_text())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_on_file_matches_lora_loader_model_only(comfy_files, family: str) -> None:
+    """Our LoKr on the file vs stock LoraLoaderModelOnly on the SAME file (tests/comfy_fixtures.py)."""
+    results = _adapters(comfy_files, family)
+    for fmt, r in results.items():
+        assert r["not_loaded"] == 0 and r["patches"] > 0 and r["delta"] > 1e-3, (fmt, r)
+    assert results["fp32"]["rel_full"] <= 1e-4
+    # fp8: ComfyUI's low-VRAM mode patches in the compute dtype, as our bypass does: equal
+    assert results["fp8_e4m3fn"]["rel_lowvram"] <= 1e-4
+    # a full load (and scaled fp8 always) re-rounds the patched weights to fp8 (comfy/model_patcher.py
+    # stochastic_rounding): off by about the fp8 rounding of the weights, never more
+    for fmt in ("fp8_e4m3fn", "scaled_fp8"):
+        assert results[fmt]["rel_full"] <= 2e-2, (fmt, results[fmt])
