@@ -135,10 +135,15 @@ KEYS: dict[str, Key] = {
     "tracker_project_name": _k("str", None),
     "logging_dir": _k("str", None),
     # precision: quantised base and text encoders (trainer/quantize.py); bf16|fp32 for what stays unquantised
-    "base_model_precision": _k("str", "no_change", *PRECISIONS),
+    # issue 13: fp8-file trains on an fp8 / scaled-fp8 ComfyUI file's own float8 weights
+    "base_model_precision": _k("str", "no_change", *PRECISIONS, "fp8-file"),
     "base_model_default_dtype": _k("str", "bf16", "bf16", "fp32"),
     **{f"text_encoder_{i}_precision": _k("str", "no_change", *PRECISIONS) for i in range(1, 5)},
     "quantize_via": _k("str", None, "cpu", "accelerator"),
+    # issue 13: text-encoder files (family order: Flux CLIP-L, T5; HiDream CLIP-L, CLIP-G, T5, Llama) and
+    # the ComfyUI install their tokenizers come from (default: the running ComfyUI, else $COMFYUI_DIR)
+    **{f"text_encoder_{i}_path": _k("str", None) for i in range(1, 5)},
+    "comfyui_path": _k("str", None),
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01),
