@@ -41,6 +41,9 @@ class ModelSource:
     base_model_precision: str | None = None  # issue 13: "fp8-file" keeps an fp8 file's weights fp8
     base_dir: Path | None = None
     origin: str = "model source"
+    # issue 13: text_encoder_1_path .. text_encoder_4_path (family order) and comfyui_path
+    text_encoder_paths: tuple[str | None, ...] = ()
+    comfyui_path: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelSource:
@@ -54,6 +57,8 @@ class ModelSource:
             base_model_precision=getattr(cfg, "base_model_precision", None),
             base_dir=getattr(cfg, "config_dir", None),
             origin=getattr(cfg, "source", "config"),
+            text_encoder_paths=tuple(getattr(cfg, f"text_encoder_{i}_path", None) for i in range(1, 5)),
+            comfyui_path=getattr(cfg, "comfyui_path", None),
             **values,
         )
 

@@ -330,15 +330,17 @@ def checkpoint_parts(family: str, wf: WeightsFile, dtype: torch.dtype | None, so
         "transformer": transformer_from_file(family, wf, dtype, fp8_base),
         "vae": vae_from_file(wf, dtype),
     }
-    parts.update(checkpoint_text_encoders(family, wf, source))
+    parts.update(checkpoint_text_encoders(family, wf, source, dtype))
     return parts
 
 
-def checkpoint_text_encoders(family: str, wf: WeightsFile, source: Any) -> dict[str, Any]:
-    """Text encoders, tokenizers and scheduler for an all-in-one checkpoint; its `text_encoders.*`
-    part is `wf.part("text_encoders")`. (Issue 13's text-encoder half fills this in.)"""
-    raise ConfigError(
-        f"{wf.where}: reading text encoders from an all-in-one checkpoint ({wf.path.name}) is not "
-        "supported yet: point pretrained_model_name_or_path at a diffusers folder and set "
-        "pretrained_transformer_model_name_or_path and pretrained_vae_model_name_or_path to this file."
-    )
+def checkpoint_text_encoders(
+    family: str, wf: WeightsFile, source: Any, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Text encoders, tokenizers and scheduler for an all-in-one checkpoint: its `text_encoders.*`
+    part, with any text_encoder_N_path key replacing that encoder (text_encoder_source.py)."""
+    from .text_encoder_source import TextEncoderFiles, scheduler_for
+
+    flavour = source.flavour or (file_flavour(family, wf, source.origin) if family == "flux" else "full")
+    parts = TextEncoderFiles(family, source, wf).load(dtype or torch.float32)
+    return {**parts, "scheduler": scheduler_for(family, flavour)}
