@@ -194,13 +194,8 @@ def test_adapter_on_file_matches_lora_loader_model_only(comfy_files, family: str
         assert results[fmt]["rel_full"] <= 2e-2, (fmt, results[fmt])
 
 
-def test_checkpoint_as_model_path(comfy_files) -> None:
+def test_diffusion_model_file_as_model_path(comfy_files) -> None:
     key = "pretrained_model_name_or_path"
     assert "set it as pretrained_transformer_model_name_or_path" in _load_error(
         "flux", comfy_files["flux"]["bf16"], key
-    )
-    # an all-in-one file: transformer + VAE split by prefix here; its text encoders are the other
-    # half of issue 13 (single_file.checkpoint_text_encoders) and say so until then
-    assert "text encoders from an all-in-one checkpoint" in _load_error(
-        "flux", comfy_files["flux"]["all_in_one"], key
     )
