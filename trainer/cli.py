@@ -20,8 +20,15 @@ from .errors import TuneGraphError
 def _config(args: argparse.Namespace):
     from .config import load_config
 
-    overrides = dict(kv.split("=", 1) for kv in args.set or [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, dict(args.set or []))
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """--set KEY=VALUE; anything else is a usage error (argparse exits 2 with the message)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         if config:
             sp.add_argument("--config", required=True, help="SimpleTuner-style config.json")
             sp.add_argument(
-                "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+                "--set",
+                action="append",
+                type=_key_value,
+                metavar="KEY=VALUE",
+                help="override a config key (repeatable)",
             )
         return sp
 
