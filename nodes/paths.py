@@ -123,5 +123,7 @@ def run_folder(name: str, what: str) -> Path:
 
     clean = plain_name(str(name).strip(), what)
     if clean.lower() in RESERVED_RUN_NAMES:
-        raise ConfigError(f"{what}: '{clean}' is reserved for TuneGraph's shared cache folder; choose another")
+        raise ConfigError(
+            f"{what}: '{clean}' is reserved for TuneGraph's shared cache folder; choose another"
+        )
     return output_path(str(Path("tunegraph") / clean), what)

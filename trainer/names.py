@@ -34,5 +34,7 @@ def plain_name(value: str, what: str) -> str:
     """`value` if it is a plain name, else a ConfigError naming `what` and why."""
     problem = name_problem(str(value))
     if problem is not None:
-        raise ConfigError(f"{what}: {str(value)[:80]!r} is not a plain name ({problem}); use letters, digits, - and _")
+        raise ConfigError(
+            f"{what}: {str(value)[:80]!r} is not a plain name ({problem}); use letters, digits, - and _"
+        )
     return str(value)

@@ -24,7 +24,9 @@ def file_digest(path: Path) -> str:
 
 
 def build_manifest(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {name: {"size": (root / name).stat().st_size, "sha256": file_digest(root / name)} for name in names}
+    return {
+        name: {"size": (root / name).stat().st_size, "sha256": file_digest(root / name)} for name in names
+    }
 
 
 def read_marker(path: str | Path) -> dict[str, Any] | None:
