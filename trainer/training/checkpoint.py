@@ -9,6 +9,7 @@ damaged checkpoint (named in a warning) for the newest one that verifies.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json as jsonlib
 import logging
@@ -88,8 +89,14 @@ def _restore_orphans(root: Path) -> None:
         match = _SCRATCH.match(child.name)
         final = checkpoint_dir(root, int(match.group(1))) if match else None
         if match and match.group(2) == "old" and int(match.group(3)) == os.getpid() and is_complete(child):
-            if not final.exists():
-                os.replace(child, final)
+            _put_back(child, final)
+
+
+def _put_back(old: Path, final: Path) -> None:
+    """Rename a moved-aside checkpoint back; another rank doing the same first is fine."""
+    if not final.exists():
+        with contextlib.suppress(OSError):
+            os.replace(old, final)
 
 
 def _latest_or_stop(root: Path) -> Path | None:
@@ -189,7 +196,7 @@ def clean_stale(output_dir: str | Path) -> None:
             continue
         final = checkpoint_dir(root, int(match.group(1)))
         if match.group(2) == "old" and is_complete(child) and not final.exists():
-            os.replace(child, final)
+            _put_back(child, final)
         else:
             _remove(child)
 
