@@ -351,6 +351,16 @@ def test_every_image_undecodable_is_an_error_not_a_hang(demo, tmp_path, capsys):
     outcome("refused")
 
 
+def test_absurd_dataset_resolution_is_refused_before_encoding(demo, tmp_path, capsys):
+    config = _dataset_copy(demo, tmp_path)
+    backends = json.loads((config.parent / "multidatabackend.json").read_text())
+    backends[0].update(resolution=1024, resolution_type="area")  # 1024 megapixels: 32000 px edges
+    (config.parent / "multidatabackend.json").write_text(json.dumps(backends))
+    rc, _, err = _cli(capsys, "cache", "--config", str(config))
+    assert rc == 2 and "makes 32000 px buckets" in err and not (tmp_path / "vae").exists()
+    outcome("refused")
+
+
 def test_disk_full_while_caching_is_one_error_and_keeps_what_was_written(demo, tmp_path, capsys):
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")

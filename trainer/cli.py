@@ -7,6 +7,7 @@ progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -160,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; run again to continue from it", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = os.path.dirname(e.filename) if e.filename else "the output folder"
+        print(f"error: the disk is full while writing {e.filename or where}; free space in {where} "
+              "and run again (checkpoints already written are kept)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.json and rank == 0:  # one summary per job, not one per process
         print(json.dumps(summary, default=str))
     return 0

@@ -63,12 +63,25 @@ def _check_size(spec: DatasetSpec, items: list[LatentItem], cfg: Any, found: Dis
         check_dataset_size(spec.id, _buckets(items), spec.repeats, batch, accum, spec.source)
 
 
+MAX_EDGE = 16384  # px; a bigger bucket would take hours or all memory to encode, never what was meant
+
+
+def _check_bucket_edges(spec: DatasetSpec, items: list[LatentItem]) -> None:
+    big = max((max(item.plan.size) for item in items), default=0)
+    if big > MAX_EDGE:
+        raise DatasetError(
+            f"{spec.source}: dataset '{spec.id}': resolution {spec.resolution:g} ({spec.resolution_type}) "
+            f"makes {big} px buckets; at most {MAX_EDGE} px per edge (resolution_type 'area' counts megapixels)"
+        )
+
+
 def _plan_all(backends: Backends, cfg: Any, vae_id: str) -> list[tuple[Discovery, list[LatentItem]]]:
     """Discover and plan every dataset, checking sizes before any encoding starts."""
     planned = []
     for spec in backends.datasets:
         found = discover(spec)
         items = plan_latents(found, _setting(cfg, "seed", 0), vae_id)
+        _check_bucket_edges(spec, items)
         _check_size(spec, items, cfg, found)
         planned.append((found, items))
     return planned
