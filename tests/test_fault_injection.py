@@ -382,3 +382,32 @@ def test_disk_full_while_caching_is_one_error_and_keeps_what_was_written(demo, t
     finally:
         subprocess.run(["umount", str(full)], check=True)
     outcome("refused")
+
+
+def test_a_failed_overwrite_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    from tunegraph.trainer.training import checkpoint as ck
+
+    ck.save_checkpoint(tmp_path, 3, tensors={"adapter.safetensors": {"w": torch.ones(2)}})
+    real = os.replace
+
+    def fail_on_publish(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(5, "I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", fail_on_publish)
+    with pytest.raises(TrainingError, match="previous checkpoints are kept"):
+        ck.save_checkpoint(tmp_path, 3, tensors={"adapter.safetensors": {"w": torch.zeros(2)}})
+    monkeypatch.undo()
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
+    assert torch.equal(
+        ck.load_checkpoint(tmp_path / "checkpoint-3").tensors["adapter.safetensors"]["w"], torch.ones(2)
+    )
+    outcome("held")
+
+
+def test_a_utf8_bom_config_still_loads(demo, tmp_path):
+    conf = tmp_path / "config"
+    shutil.copytree(demo.parent, conf)
+    (conf / "config.json").write_bytes(b"\xef\xbb\xbf" + (conf / "config.json").read_bytes())
+    assert load_config(conf / "config.json").model_flavour == "tiny"
