@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tunegraph.trainer import cli
 from tunegraph.trainer.cache.store import entry_problem, save_tensors
 from tunegraph.trainer.commands.demo import write_demo_config
+from tunegraph.trainer.commands.export import export_checkpoint
 from tunegraph.trainer.config import load_config
 from tunegraph.trainer.errors import TrainingError
 from tunegraph.trainer.training.checkpoint import resolve_resume
@@ -164,6 +165,9 @@ def test_a_named_damaged_checkpoint_and_all_damaged_are_refused(demo, clean, tmp
     flip_bit(run / "checkpoint-5" / "adapter.safetensors")
     with pytest.raises(TrainingError, match=r"checkpoint-5.*damaged.*adapter.safetensors.*sha256"):
         train(cfg(demo, run, resume_from_checkpoint="checkpoint-5"), progress=False)
+    outcome("refused")
+    with pytest.raises(TrainingError, match="damaged.*export another"):
+        export_checkpoint(run / "checkpoint-5", tmp_path / "out.safetensors")
     outcome("refused")
     for ckpt in run.glob("checkpoint-*"):
         (ckpt / "complete").write_text("{")
