@@ -1,13 +1,16 @@
 """The SimpleTuner config keys TuneGraph reads, with their types and defaults.
 
-`KEYS` are implemented. `UNSUPPORTED` are real SimpleTuner keys we accept but do not act on yet: a
-config naming one (with a value that would change anything) gets one warning listing them all.
+`KEYS` are implemented. Every other key of SimpleTuner's option list (simpletuner_options.json) is
+accepted: `IGNORED` ones quietly (they cannot change a local run), `UNSUPPORTED` ones with one warning
+naming those set to anything but SimpleTuner's default. Keys SimpleTuner does not have are errors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from .simpletuner_options import CONFIG_DEFAULTS, CONFIG_NO_EFFECT, CONFIG_SPEED_MEMORY, FLOW_MATCHING_NOOPS
 
 # The precision names (trainer/quantize.py implements them); kept here so config.py needs no torch.
 PRECISIONS = (
@@ -151,69 +154,28 @@ KEYS: dict[str, Key] = {
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01, **AT_LEAST_0),
+    # issue 15: SimpleTuner's loss options (training/flow.py `flow_loss`)
+    "loss_type": _k("str", "l2", "l2", "huber", "smooth_l1"),
+    "huber_schedule": _k("str", "snr", "snr", "exponential", "constant"),
+    "huber_c": _k("float", 0.1, **POSITIVE),
+    # issue 15: keep buckets smaller than one batch, filling their batch with their own images (sampler.py)
+    "disable_bucket_pruning": _k("bool", False),
 }
 
-# Real SimpleTuner keys accepted but not acted on. Value = the value that is a no-op (no warning).
+# issue 15: every other real SimpleTuner key is accepted, from SimpleTuner's own option list
+# (trainer/simpletuner_options.json). Value = SimpleTuner's default, the value that is a no-op here.
+# KEYS that are TuneGraph's own, not SimpleTuner's (tests check every other KEYS entry is in the list).
+OWN_KEYS = frozenset(
+    {"tiny_model_seed", "validation_adaptive_cfg_threshold", "prodigy_d_coef", "disable_validation"}
+)
+# Accepted quietly: cannot change a local run (hub upload, webhooks, trackers, launcher, logging).
+IGNORED: frozenset[str] = frozenset(CONFIG_NO_EFFECT - set(KEYS))
 UNSUPPORTED: dict[str, Any] = {
-    "validation_torch_compile": False,
-    "validation_guidance_rescale": 0.0,
-    "offload_during_startup": None,
-    "disable_benchmark": None,
-    "tread_config": None,
-    "validation_preview": False,
-    "validation_preview_steps": None,
-    "enable_group_offload": False,
-    "group_offload_type": None,
-    "group_offload_blocks_per_group": None,
-    "group_offload_use_stream": None,
-    "group_offload_to_disk_path": None,
-    "vae_enable_tiling": False,
-    "attention_mechanism": "diffusers",
-    "metadata_update_interval": None,
-    "snr_gamma": None,
-    "use_soft_min_snr": False,
-    "noise_offset": None,
-    "noise_offset_probability": None,
-    "lora_dropout_rate": None,
-    "allow_tf32": None,
-    "dataloader_prefetch": None,
-    "aspect_bucket_alignment": None,
-    "compress_disk_cache": None,
-    "hub_model_id": None,
-    "push_to_hub": False,
-    "push_checkpoints_to_hub": False,
-    "webhook_config": None,
-    "fuse_qkv_projections": False,
-    "flux_attention_masked_training": False,
-    "t5_padding": None,
-    "llama_layers": None,
-    "validation_using_datasets": False,
-    "validation_noise_scheduler": None,
-    "validation_lycoris_strength": None,
-    "validation_disable_unconditional": False,
-    "evaluation_type": None,
-    "pretrained_model_name_or_path_vae": None,
-    "ignore_final_epochs": False,
-    "gradient_precision": None,
-    "model_card_note": None,
-    "num_validation_images": None,
-    "lr_num_cycles": None,
-    "delete_unwanted_images": False,
-    "delete_problematic_images": False,
-    "freeze_encoder": None,
-    "text_encoder_limit": None,
-    "quantize_activations": False,
-    "keep_vae_loaded": None,
-    "skip_file_discovery": None,
-    "disable_tf32": None,
-    "max_workers": None,
-    "read_batch_size": None,
-    "image_processing_batch_size": None,
-    "training_scheduler_timestep_spacing": None,
-    "inference_scheduler_timestep_spacing": None,
-    "ema_device": None,
-    "ema_cpu_only": None,
+    name: default for name, default in CONFIG_DEFAULTS.items() if name not in KEYS and name not in IGNORED
 }
+# Accepted and named in the warning's own sentence: memory/speed only, or skipped for flow matching.
+SPEED_MEMORY: frozenset[str] = frozenset(CONFIG_SPEED_MEMORY - set(KEYS))
+FLOW_NOOPS: frozenset[str] = frozenset(FLOW_MATCHING_NOOPS - set(KEYS))
 
 ALIASES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval"}
 

@@ -60,7 +60,8 @@ def _check_size(spec: DatasetSpec, items: list[LatentItem], cfg: Any, found: Dis
         )
     if spec.probability > 0:  # a dataset never drawn does not need to fill a batch
         batch, accum = _setting(cfg, "train_batch_size", 1), _setting(cfg, "gradient_accumulation_steps", 1)
-        check_dataset_size(spec.id, _buckets(items), spec.repeats, batch, accum, spec.source)
+        keep = bool(getattr(cfg, "disable_bucket_pruning", False))
+        check_dataset_size(spec.id, _buckets(items), spec.repeats, batch, accum, spec.source, keep)
 
 
 MAX_EDGE = 16384  # px; a bigger bucket would take hours or all memory to encode, never what was meant

@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
 from .loading import ModelSource, apply_overrides, folder_flavour, load_folder_parts, save_pipeline_folder
-from .tiny import tiny_flux_parts
+from .tiny import tiny_flux_parts, tiny_flux_transformer
 
 _ATTN = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
 _CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
@@ -63,6 +63,10 @@ class FluxModel(ModelBundle):
     default_shift: ClassVar[float] = 3.0
     default_guidance: ClassVar[float] = 1.0  # SimpleTuner's flux_guidance_value default
     lycoris_attention_classes: ClassVar[list[str]] = ["FluxAttention"]
+    # issue 15: SimpleTuner's Flux code uses diffusers' FeedForward itself (ff, ff_context).
+    lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {"FeedForward": ["FeedForward"]}
+    transformer_class: ClassVar[Any] = FluxTransformer2DModel
+    tiny_transformer: ClassVar[Any] = staticmethod(lambda: tiny_flux_transformer(True))
     # flux_lora_target -> PEFT module-name suffixes (SimpleTuner's meanings).
     lora_target_presets: ClassVar[dict[str, list[str]]] = {
         "mmdit": ["to_k", "to_q", "to_v", "to_out.0"],  # image-stream attention (also single blocks)

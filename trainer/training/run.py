@@ -17,6 +17,7 @@ from ..adapters.files import run_metadata
 from ..cache.build import build_training_data
 from ..errors import TrainingError
 from ..models import load_model
+from ..preflight import preflight
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import Dist, setup, wrap_for_ddp
@@ -134,6 +135,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     seed_everything(cfg.seed)
     if model is None:
+        preflight(cfg)  # issue 15: what the config alone decides fails before any weight is loaded
         model = load_model(cfg, device=dist.device, dtype=_weight_dtype(cfg))
     quantize_model(model, cfg)  # before caching: quantised text encoders change the embeddings
     if data is None:
