@@ -168,7 +168,7 @@ class TrainLoKr(io.ComfyNode):
     def execute(
         cls, cache: CacheHandle, output_name: str, resume_from: AdapterHandle | None = None, **v: Any
     ):
-        run_dir = paths.output_path(str(Path("tunegraph") / output_name), "TrainLoKr: output_name")
+        run_dir = paths.run_folder(output_name, "TrainLoKr: output_name")
         if v["lycoris_config_file"].strip():
             path = paths.input_path(v["lycoris_config_file"], "TrainLoKr: lycoris_config_file")
             lycoris = read_lycoris_config(path)

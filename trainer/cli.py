@@ -7,6 +7,7 @@ progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -20,8 +21,15 @@ from .errors import TuneGraphError
 def _config(args: argparse.Namespace):
     from .config import load_config
 
-    overrides = dict(kv.split("=", 1) for kv in args.set or [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, dict(args.set or []))
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """--set KEY=VALUE; anything else is a usage error (argparse exits 2 with the message)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,7 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         if config:
             sp.add_argument("--config", required=True, help="SimpleTuner-style config.json")
             sp.add_argument(
-                "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+                "--set",
+                action="append",
+                type=_key_value,
+                metavar="KEY=VALUE",
+                help="override a config key (repeatable)",
             )
         return sp
 
@@ -161,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; run again to continue from it", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = os.path.dirname(e.filename) if e.filename else "the output folder"
+        print(f"error: the disk is full while writing {e.filename or where}; free space in {where} "
+              "and run again (checkpoints already written are kept)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.json and rank == 0:  # one summary per job, not one per process
         print(json.dumps(summary, default=str))
     return 0
