@@ -139,6 +139,15 @@ KEYS: dict[str, Key] = {
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01),
+    # issue 16: memory plan, presets by card size, group offload of the frozen transformer (trainer/plan/)
+    "gpu_memory": _k("float", None),  # GiB the plan checks against (default: the CUDA device's own)
+    "memory_preset": _k("str", None, "12", "16", "24", "48", "80"),
+    "ignore_memory_plan": _k("bool", False),  # train even when the plan says it will not fit
+    "enable_group_offload": _k("bool", False),
+    "group_offload_type": _k("str", "block_level", "block_level", "leaf_level"),
+    "group_offload_blocks_per_group": _k("int", 1),
+    "group_offload_use_stream": _k("bool", False),
+    "group_offload_to_disk_path": _k("str", None),
 }
 
 # Real SimpleTuner keys accepted but not acted on. Value = the value that is a no-op (no warning).
@@ -150,11 +159,6 @@ UNSUPPORTED: dict[str, Any] = {
     "tread_config": None,
     "validation_preview": False,
     "validation_preview_steps": None,
-    "enable_group_offload": False,
-    "group_offload_type": None,
-    "group_offload_blocks_per_group": None,
-    "group_offload_use_stream": None,
-    "group_offload_to_disk_path": None,
     "vae_enable_tiling": False,
     "attention_mechanism": "diffusers",
     "metadata_update_interval": None,
