@@ -6,9 +6,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from ..trainer.plan.presets import PRESETS, apply_memory_preset, memory_settings
-
-PRESET_OFF = "as configured"
+from ..trainer.plan.presets import PRESET_OFF, PRESETS, apply_memory_preset, memory_settings, widget_keys
 
 
 def memory_inputs() -> list[Any]:
@@ -32,11 +30,7 @@ def memory_inputs() -> list[Any]:
 
 def memory_keys(v: dict[str, Any]) -> dict[str, Any]:
     """Widget values -> config keys (memory_preset, ignore_memory_plan)."""
-    preset = v.get("memory_preset") or PRESET_OFF
-    return {
-        "memory_preset": None if preset == PRESET_OFF else preset.split()[0],
-        "ignore_memory_plan": bool(v.get("ignore_memory_plan", False)),
-    }
+    return widget_keys(v.get("memory_preset"), v.get("ignore_memory_plan", False))
 
 
 def preset_settings(cfg: Any) -> tuple[Any, dict[str, Any]]:

@@ -64,8 +64,10 @@ def device_budget(cfg: Any, device: torch.device | str | None = None) -> int | N
     return None
 
 
-def plan_for(cfg: Any, target: str = "cuda") -> MemoryPlan:
-    return build_plan(plan_inputs(cfg), cfg, target)
+def plan_for(cfg: Any, target: str | None = None) -> MemoryPlan:
+    from .presets import default_target
+
+    return build_plan(plan_inputs(cfg), cfg, target or default_target())
 
 
 def check_memory(
@@ -80,7 +82,7 @@ def check_memory(
     if plan.fits(budget):
         log.info("memory plan: peak %s (%s) fits in %s", gib(plan.peak.device), plan.peak.name, gib(budget))
         return plan
-    text = format_plan(plan, budget, cheapest_fit(plan.inputs, cfg, budget))
+    text = format_plan(plan, budget, cheapest_fit(plan.inputs, cfg, budget, plan.settings["target"]))
     if force or getattr(cfg, "ignore_memory_plan", False):
         log.warning("%s\ntraining anyway (ignore_memory_plan / force)", text)
         return plan

@@ -103,7 +103,8 @@ def activations_for(inp: PlanInputs, cfg: Any, target: str) -> Activations:
     shape = Shape(inp.batch, h // 8, w // 8, inp.text_tokens)
     bypass = inp.base_precision != "no_change"
     key = (inp.family, inp.flavour, repr(sorted(inp.transformer_config.items())), shape, inp.dtype)
-    key += (target, inp.checkpointing, bypass, cfg.config_hash())
+    adapter = ("lora_type", "lycoris_config", "lora_rank", "flux_lora_target", "hidream_use_load_balancing_loss")
+    key += (target, inp.checkpointing, bypass, tuple(getattr(cfg, k, None) for k in adapter))
     if key not in _ACT_CACHE:
         _ACT_CACHE[key] = measure(
             get_family(inp.family),
@@ -145,10 +146,10 @@ def _offload_device_bytes(sizes: TransformerSizes, inp: PlanInputs, weight_bytes
     return int(per_param * min(sizes.params, onboard))
 
 
-def _vae_working(px: tuple[int, int], batch: int, dtype_bytes: int) -> int:
-    """VAE encode/decode working memory: about three full-resolution 128-channel feature maps
-    (estimate, the decoder's last up-block)."""
-    return 3 * px[0] * px[1] * 128 * dtype_bytes * batch
+def _vae_working(px: tuple[int, int], batch: int, inp: PlanInputs) -> int:
+    """VAE encode/decode working memory: about three full-resolution feature maps of the VAE's
+    widest full-resolution layer (estimate, the decoder's last up-block)."""
+    return 3 * px[0] * px[1] * inp.vae_channels * inp.dtype_bytes * batch
 
 
 def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
@@ -186,7 +187,7 @@ def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
             Part("transformer", on_device, note=quant_note),
             Part("text encoders", enc),
             Part("VAE", vae),
-            Part("VAE encode working memory (estimate)", _vae_working(inp.bucket_px, 1, inp.dtype_bytes)),
+            Part("VAE encode working memory (estimate)", _vae_working(inp.bucket_px, 1, inp)),
             host_parked,
         ],
     )
@@ -223,7 +224,7 @@ def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
                 "sampling working memory (estimate: 8 hidden states)",
                 8 * val_batch * val_tokens * inner * inp.dtype_bytes,
             ),
-            Part("VAE decode working memory (estimate)", _vae_working(inp.validation_px, 1, inp.dtype_bytes)),
+            Part("VAE decode working memory (estimate)", _vae_working(inp.validation_px, 1, inp)),
             Part("text encoders (host RAM)", host=enc),
             host_parked,
         ],

@@ -40,6 +40,7 @@ class PlanInputs:
     use_ema: bool
     group_offload: dict[str, Any] = field(default_factory=dict)  # empty: off
     quantize_via: str = "accelerator"
+    vae_channels: int = 128  # the VAE's full-resolution width (its working memory scales with it)
     validation_px: tuple[int, int] = (1024, 1024)
     validation_cfg: bool = False  # real CFG doubles the validation batch
     sources: dict[str, str] = field(default_factory=dict)  # where each size came from
@@ -91,7 +92,9 @@ def _sizes(
         parts = _tiny_parts(family, int(getattr(cfg, "tiny_model_seed", 0) or 0))
         sources["weights"] = "the tiny models built in code"
         encoders = [_count(parts[n]) for n in _ENCODERS[family]]
-        return dict(parts["transformer"].config), _count(parts["transformer"]), encoders, _count(parts["vae"])
+        vae = parts["vae"]
+        width = int(vae.config.block_out_channels[0])
+        return dict(parts["transformer"].config), _count(parts["transformer"]), encoders, _count(vae), width
     helpers = HELPER_PARAMS[family]
     config, t_params = full_size_config(family, flavour), None
     encoders = [helpers[n] for n in _ENCODERS[family]]
@@ -113,7 +116,7 @@ def _sizes(
     if single is not None and single.is_file():
         t_params = file_params(single)
         sources["transformer"] = f"safetensors header of {single}"
-    return config, t_params, encoders, vae
+    return config, t_params, encoders, vae, 128
 
 
 def _bucket(cfg: Any) -> tuple[int, int]:
@@ -168,7 +171,7 @@ def plan_inputs(cfg: Any) -> PlanInputs:
     family = family_cls.family
     flavour = family_cls.check_flavour(cfg.model_flavour, cfg.source)
     sources: dict[str, str] = {}
-    config, t_params, encoders, vae = _sizes(cfg, family, flavour, sources)
+    config, t_params, encoders, vae, vae_width = _sizes(cfg, family, flavour, sources)
     tokens = 32 if flavour == "tiny" else text_tokens(family, flavour)
     encoder_precisions = [
         check_precision(
@@ -183,6 +186,7 @@ def plan_inputs(cfg: Any) -> PlanInputs:
         transformer_params=t_params,
         encoder_params=encoders,
         vae_params=vae,
+        vae_channels=vae_width,
         bucket_px=_bucket(cfg),
         batch=int(cfg.train_batch_size or 1),
         text_tokens=tokens,

@@ -8,6 +8,9 @@ its backward (tests/test_group_offload.py poisons offloaded weights to prove it)
 the saving needs gradient checkpointing: without it the backward keeps every block's onloaded
 weights alive until it runs; with it only the block being recomputed holds them.
 
+A quantised base offloads to host RAM (int8-quanto and int8-torchao train with equal numbers on
+CPU); to disk it cannot (safetensors stores neither quanto nor torchao tensors): refused.
+
 Adapters must stay outside the groups: LyCORIS keeps its own modules next to the transformer (so
 it works, merged and bypass), PEFT LoRA puts its layers inside the blocks, where diffusers would
 offload them as frozen weights (and write them to disk once): refused with a clear error.
@@ -30,6 +33,12 @@ def check_offload(cfg: Any) -> None:
         raise ConfigError(
             f"{cfg.source}: enable_group_offload trains LyCORIS adapters (lora_type lycoris); PEFT LoRA puts "
             "its trainable layers inside the offloaded blocks. Use lora_type lycoris or turn group offload off."
+        )
+    precision = (getattr(cfg, "base_model_precision", None) or "no_change").lower()
+    if cfg.group_offload_to_disk_path and precision != "no_change":
+        raise ConfigError(
+            f"{cfg.source}: group_offload_to_disk_path cannot hold a quantised base ({precision}): safetensors "
+            "does not store quanto/torchao tensors. Offload to host RAM (unset group_offload_to_disk_path)."
         )
     if cfg.group_offload_use_stream and not torch.cuda.is_available():
         raise ConfigError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from .advice import cheapest_fit
 from .estimate import GiB, build_plan
 from .inputs import plan_inputs
@@ -18,6 +20,7 @@ from .inputs import plan_inputs
 log = logging.getLogger("tunegraph")
 
 PRESETS = ("12", "16", "24", "48", "80")
+PRESET_OFF = "as configured"  # TrainLoKr's widget label for no preset; the others read "<N> GB"
 _PICKED = (
     "gradient_checkpointing",
     "base_model_precision",
@@ -29,9 +32,10 @@ _PICKED = (
 )
 
 
-def apply_memory_preset(cfg: Any, target: str = "cuda") -> Any:
+def apply_memory_preset(cfg: Any, target: str | None = None) -> Any:
     """`cfg` with the preset's settings (unchanged without a preset). The plan's budget becomes
-    the preset's size unless gpu_memory says otherwise."""
+    the preset's size unless gpu_memory says otherwise. Kernels: this machine's (default)."""
+    target = target or default_target()
     preset = getattr(cfg, "memory_preset", None)
     if not preset:
         return cfg
@@ -45,7 +49,7 @@ def apply_memory_preset(cfg: Any, target: str = "cuda") -> Any:
                 break
             keys.update(change.keys)
             plan = change.plan
-    if keys.get("group_offload_use_stream") and target != "cuda":
+    if keys.get("group_offload_use_stream") and not torch.cuda.is_available():  # streams need CUDA
         keys["group_offload_use_stream"] = False
     out = cfg.replace(gpu_memory=budget_gib, **keys)
     verdict = (
@@ -61,6 +65,12 @@ def apply_memory_preset(cfg: Any, target: str = "cuda") -> Any:
     return out
 
 
+def default_target() -> str:
+    """Plan for the kernels this machine trains with (fake CUDA tensors need no GPU, but some hosts,
+    ComfyUI in --cpu mode among them, refuse any CUDA call)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def memory_settings(cfg: Any) -> dict[str, Any]:
     """The memory-relevant settings a run trains with (for its summary, metrics and events)."""
     out = {"memory_preset": getattr(cfg, "memory_preset", None), "mixed_precision": cfg.mixed_precision}
@@ -72,3 +82,9 @@ def memory_settings(cfg: Any) -> dict[str, Any]:
         }
     )
     return out
+
+
+def widget_keys(label: str | None, ignore_plan: bool = False) -> dict[str, Any]:
+    """TrainLoKr's widget values ("16 GB" | "as configured", a bool) -> config keys."""
+    label = label or PRESET_OFF
+    return {"memory_preset": None if label == PRESET_OFF else label.split()[0], "ignore_memory_plan": bool(ignore_plan)}
