@@ -20,7 +20,7 @@ import torch
 from ..errors import TrainingError
 from .distributed import stop_armed, stop_requested
 from .evaluate import EvalSet
-from .flow import flow_target, image_seq_len, noisy_latents, sample_sigmas
+from .flow import flow_loss, flow_target, image_seq_len, noisy_latents, sample_sigmas
 from .metrics import MetricsWriter, TrainProgress
 from .run import Run, prepare_run, save_final, save_run_checkpoint
 
@@ -59,7 +59,9 @@ def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     embeds = {k: v.to(run.device, run.model.dtype) for k, v in batch["embeds"].items()}
     with _autocast(run):
         pred = run.predict(xt, sigmas, embeds, guidance)
-    loss = torch.nn.functional.mse_loss(pred.float(), flow_target(x0, noise))
+    loss = flow_loss(
+        pred.float(), flow_target(x0, noise), sigmas, cfg.loss_type, cfg.huber_c, cfg.huber_schedule
+    )
     aux = getattr(run.model, "last_aux_loss", None)  # HiDream's MoE load-balancing loss (with grad)
     if cfg.hidream_use_load_balancing_loss and aux is not None:
         loss = loss + cfg.hidream_load_balancing_loss_weight * aux.float()

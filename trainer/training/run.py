@@ -20,6 +20,7 @@ from ..plan.check import check_memory
 from ..plan.offload import apply_group_offload
 from ..plan.placement import load_placed
 from ..plan.presets import apply_memory_preset, memory_settings
+from ..preflight import preflight
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import Dist, setup, wrap_for_ddp
@@ -139,6 +140,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     seed_everything(cfg.seed)
     check_memory(cfg, dist.device)  # the memory plan, before anything heavy loads (trainer/plan/)
     if model is None:
+        preflight(cfg)  # issue 15: what the config alone decides fails before any weight is loaded
         model = load_placed(cfg, dist.device, _weight_dtype(cfg))
     quantize_model(model, cfg)  # before caching: quantised text encoders change the embeddings
     if data is None:
