@@ -28,8 +28,15 @@ LOKR = {"algo": "lokr", "factor": 16, "linear_dim": 16384, "linear_alpha": 1, "f
 
 def ladder(family: str, px: int, lyco: Path) -> list[tuple[str, object]]:
     cfg = TrainConfig.from_dict(
-        {"model_family": family, "lora_type": "lycoris", "lycoris_config": str(lyco), "resolution": px,
-         "validation_resolution": str(px), "optimizer": "adamw_bf16", "mixed_precision": "bf16"}  # fmt: skip
+        {
+            "model_family": family,
+            "lora_type": "lycoris",
+            "lycoris_config": str(lyco),
+            "resolution": px,
+            "validation_resolution": str(px),
+            "optimizer": "adamw_bf16",
+            "mixed_precision": "bf16",
+        }  # fmt: skip
     )
     plan = build_plan(plan_inputs(cfg), cfg)
     rows = [("as configured (bf16, no checkpointing)", plan)]
@@ -46,13 +53,20 @@ def main() -> None:
     args = p.parse_args()
     lyco = Path(tempfile.mkdtemp()) / "lycoris_config.json"
     lyco.write_text(json.dumps(LOKR))
-    lines = ["| model | px | settings (cumulative) | peak GiB (phase) | " + " | ".join(f"{c} GB" for c in CARDS) + " |"]
+    lines = [
+        "| model | px | settings (cumulative) | peak GiB (phase) | "
+        + " | ".join(f"{c} GB" for c in CARDS)
+        + " |"
+    ]
     lines.append("|" + "---|" * (4 + len(CARDS)))
     figures = []
     for family, name in (("flux", "Flux.1-dev"), ("hidream", "HiDream-I1")):
         for px in (512, 1024):
             rows = ladder(family, px, lyco)
-            first = {c: next((i for i, (_, pl) in enumerate(rows) if pl.peak.device <= c * GiB), None) for c in CARDS}
+            first = {
+                c: next((i for i, (_, pl) in enumerate(rows) if pl.peak.device <= c * GiB), None)
+                for c in CARDS
+            }
             for i, (what, plan) in enumerate(rows):
                 cells = ["**fits**" if first[c] == i else "" for c in CARDS]
                 peak = f"{plan.peak.device / GiB:.1f} ({plan.peak.name})"

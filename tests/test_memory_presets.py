@@ -16,7 +16,14 @@ from tunegraph.trainer.plan.inputs import plan_inputs
 from tunegraph.trainer.plan.presets import apply_memory_preset, default_target, widget_keys
 from tunegraph.trainer.training.loop import train
 
-TINY = {"train_batch_size": 8, "validation_resolution": "64", "validation_prompt": None, "eval_steps_interval": None, "checkpoint_step_interval": None, "max_train_steps": 2}
+TINY = {
+    "train_batch_size": 8,
+    "validation_resolution": "64",
+    "validation_prompt": None,
+    "eval_steps_interval": None,
+    "checkpoint_step_interval": None,
+    "max_train_steps": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +63,11 @@ def test_preset_that_cannot_fit_stops_with_the_plan(demo_config: Path, tmp_path:
 
 def test_node_widgets_map_to_config_keys() -> None:
     assert widget_keys("16 GB", True) == {"memory_preset": "16", "ignore_memory_plan": True}
-    assert widget_keys("as configured") == widget_keys(None) == {"memory_preset": None, "ignore_memory_plan": False}
+    assert (
+        widget_keys("as configured")
+        == widget_keys(None)
+        == {"memory_preset": None, "ignore_memory_plan": False}
+    )
 
 
 @pytest.mark.comfyui
@@ -66,7 +77,9 @@ def test_train_node_reports_the_preset_in_its_events(comfy) -> None:
     wf = tiny(steps=2, output_name="preset_run", memory_preset="24 GB")
     mark = len(comfy.messages)
     messages = comfy.run(wf, 240)
-    assert outcome(messages)["type"] == "execution_success", outcome(messages)["data"].get("exception_message")
+    assert outcome(messages)["type"] == "execution_success", outcome(messages)["data"].get(
+        "exception_message"
+    )
     events = train_events(comfy, mark)
     assert events and all(e["memory"]["memory_preset"] == "24" for e in events)
     assert events[0]["memory"]["gradient_checkpointing"] is False  # the tiny model fits 24 GB as it is

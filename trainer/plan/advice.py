@@ -31,9 +31,9 @@ def _steps(inp: PlanInputs) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     if inp.base_precision == "no_change":
         steps.append(
             (
-                "train on an int8 base",
-                {"base_model_precision": "int8-torchao"},
-                {"base_precision": "int8-torchao"},
+                "train on an int8 base, quantised in host RAM",
+                {"base_model_precision": "int8-torchao", "quantize_via": "cpu"},
+                {"base_precision": "int8-torchao", "quantize_via": "cpu"},
             )
         )
     big = [

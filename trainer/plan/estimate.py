@@ -103,7 +103,13 @@ def activations_for(inp: PlanInputs, cfg: Any, target: str) -> Activations:
     shape = Shape(inp.batch, h // 8, w // 8, inp.text_tokens)
     bypass = inp.base_precision != "no_change"
     key = (inp.family, inp.flavour, repr(sorted(inp.transformer_config.items())), shape, inp.dtype)
-    adapter = ("lora_type", "lycoris_config", "lora_rank", "flux_lora_target", "hidream_use_load_balancing_loss")
+    adapter = (
+        "lora_type",
+        "lycoris_config",
+        "lora_rank",
+        "flux_lora_target",
+        "hidream_use_load_balancing_loss",
+    )
     key += (target, inp.checkpointing, bypass, tuple(getattr(cfg, k, None) for k in adapter))
     if key not in _ACT_CACHE:
         _ACT_CACHE[key] = measure(

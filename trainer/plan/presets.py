@@ -87,4 +87,7 @@ def memory_settings(cfg: Any) -> dict[str, Any]:
 def widget_keys(label: str | None, ignore_plan: bool = False) -> dict[str, Any]:
     """TrainLoKr's widget values ("16 GB" | "as configured", a bool) -> config keys."""
     label = label or PRESET_OFF
-    return {"memory_preset": None if label == PRESET_OFF else label.split()[0], "ignore_memory_plan": bool(ignore_plan)}
+    return {
+        "memory_preset": None if label == PRESET_OFF else label.split()[0],
+        "ignore_memory_plan": bool(ignore_plan),
+    }
