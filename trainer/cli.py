@@ -1,4 +1,4 @@
-"""`tunegraph` command line: train | check | cache | validate | export | demo | tiny-models | bench.
+"""`tunegraph` command line: train | check | cache | validate | export | demo | tiny-models | plan | bench.
 
 Every command takes `--json`: a machine-readable summary is then the last line of stdout. Logs and
 progress bars go to stderr.
@@ -95,6 +95,12 @@ def cmd_tiny_models(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from .commands.plan import cmd_plan as run
+
+    return run(args, _config(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from .bench.command import cmd_bench as run
 
@@ -142,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--comfyui", metavar="DIR", help="also write them into this ComfyUI's models/ folders")
     sp.add_argument("--family", action="append", default=None, help="flux (default) or hidream; repeatable")
     sp.add_argument("--seed", type=int, default=0)
+    sp = add("plan", cmd_plan, "estimate device memory and host RAM per phase before training", config=True)
+    from .commands.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(sp)
     sp = add(
         "bench", cmd_bench, "time our training step against plain diffusers + LyCORIS (GPU; --smoke on CPU)"
     )

@@ -165,6 +165,15 @@ KEYS: dict[str, Key] = {
     "huber_c": _k("float", 0.1, **POSITIVE),
     # issue 15: keep buckets smaller than one batch, filling their batch with their own images (sampler.py)
     "disable_bucket_pruning": _k("bool", False),
+    # issue 16: memory plan, presets by card size, group offload of the frozen transformer (trainer/plan/)
+    "gpu_memory": _k("float", None),  # GiB the plan checks against (default: the CUDA device's own)
+    "memory_preset": _k("str", None, "12", "16", "24", "48", "80"),
+    "ignore_memory_plan": _k("bool", False),  # train even when the plan says it will not fit
+    "enable_group_offload": _k("bool", False),
+    "group_offload_type": _k("str", "block_level", "block_level", "leaf_level"),
+    "group_offload_blocks_per_group": _k("int", 1),
+    "group_offload_use_stream": _k("bool", False),
+    "group_offload_to_disk_path": _k("str", None),
 }
 
 # issue 15: every other real SimpleTuner key is accepted, from SimpleTuner's own option list
@@ -172,6 +181,7 @@ KEYS: dict[str, Key] = {
 # KEYS that are TuneGraph's own, not SimpleTuner's (tests check every other KEYS entry is in the list).
 OWN_KEYS = frozenset(
     {"tiny_model_seed", "validation_adaptive_cfg_threshold", "prodigy_d_coef", "disable_validation"}
+    | {"gpu_memory", "memory_preset", "ignore_memory_plan"}  # issue 16
 )
 # Accepted quietly: cannot change a local run (hub upload, webhooks, trackers, launcher, logging).
 IGNORED: frozenset[str] = frozenset(CONFIG_NO_EFFECT - set(KEYS))
