@@ -15,6 +15,7 @@ from ..trainer.data.backends import CAPTION_STRATEGIES, CROP_STYLES, RESOLUTION_
 from ..trainer.data.demo import make_demo_dataset
 from ..trainer.errors import ConfigError
 from ..trainer.jsonfile import load_json
+from ..trainer.names import plain_name
 from . import paths
 from .handles import CacheHandle, Datasets, TrainingModel
 from .run_config import text_embeds_entry
@@ -42,6 +43,8 @@ def _file_entries(config_file: str) -> list[dict[str, Any]]:
         if not isinstance(entry, dict) or entry.get("dataset_type") == "text_embeds":
             continue
         entry = dict(entry)
+        if str(entry.get("id", "")).strip():  # it names a cache folder: a plain name (issue 18)
+            plain_name(str(entry["id"]), f"{path}: dataset #{i + 1}: key 'id'")
         where = f"{path}: dataset {entry.get('id', f'#{i + 1}')!r}: key"
         if entry.get("instance_data_dir"):
             folder = paths.confine(

@@ -5,8 +5,8 @@ folders are confined to ComfyUI's input, output and model folders, plus roots th
 in the environment variable TUNEGRAPH_ALLOWED_ROOTS (os.pathsep-separated absolute folders, e.g.
 `/data/datasets:/mnt/loras`). A relative path is taken inside the node's default folder (input for
 datasets and configs, output for runs); `..` segments are refused outright, and an absolute path must
-lie inside one of the roots. Checks are lexical (after normalisation), so a symlink the owner placed
-inside an allowed folder still works.
+lie inside one of the roots, both as written and with symlinks resolved: a link inside input/ to a
+folder elsewhere is refused (the server owner adds its target to TUNEGRAPH_ALLOWED_ROOTS instead).
 """
 
 from __future__ import annotations
@@ -25,9 +25,25 @@ def env_roots() -> list[Path]:
     return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
 
 
+MAX_PATH_BYTES = 4096  # PATH_MAX; longer values are refused before any file-system call
+
+
 def _inside(path: Path, root: Path) -> bool:
     root = Path(os.path.normpath(os.path.abspath(root)))
     return path == root or root in path.parents
+
+
+def _inside_real(real: Path, roots: list[Path]) -> bool:
+    return any(_inside(real, Path(os.path.realpath(r))) for r in roots)
+
+
+def _check_length(text: str, what: str) -> None:
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what}: path is not valid text (UTF-8)") from None
+    if len(data) > MAX_PATH_BYTES or any(len(part) > 255 for part in data.split(b"/")):
+        raise ConfigError(f"{what}: path is too long ({len(data)} bytes, or a name over 255 bytes)")
 
 
 def confine(value: str | os.PathLike, base: Path, roots: Iterable[Path], what: str) -> Path:
@@ -38,6 +54,7 @@ def confine(value: str | os.PathLike, base: Path, roots: Iterable[Path], what: s
         raise ConfigError(f"{what}: no path given")
     if "\x00" in text:
         raise ConfigError(f"{what}: path contains a NUL character")
+    _check_length(text, what)
     p = Path(text).expanduser()
     if ".." in p.parts:
         raise ConfigError(f"{what}: '{text}' contains '..'; paths may not climb out of their folder")
@@ -48,6 +65,12 @@ def confine(value: str | os.PathLike, base: Path, roots: Iterable[Path], what: s
         raise ConfigError(
             f"{what}: '{text}' is outside the folders this server allows ({allowed}). Put it under "
             f"ComfyUI's input/output/models folders, or have the server owner add its folder to {ENV_ROOTS}."
+        )
+    real = Path(os.path.realpath(full))
+    if real != full and not _inside_real(real, roots):
+        raise ConfigError(
+            f"{what}: '{text}' is a link to {real}, which is outside the folders this server allows; "
+            f"have the server owner add {real} to {ENV_ROOTS}, or copy the files into ComfyUI's input folder."
         )
     return full
 
@@ -88,3 +111,19 @@ def loras_dir() -> Path:
     import folder_paths
 
     return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+RESERVED_RUN_NAMES = ("cache",)  # output/tunegraph/cache holds the shared latent / text caches
+
+
+def run_folder(name: str, what: str) -> Path:
+    """output/tunegraph/<name> for a plain run name (issue 18): no separators, not empty or `.`, not
+    the shared cache folder, so one run folder never contains or lies inside another."""
+    from ..trainer.names import plain_name
+
+    clean = plain_name(str(name).strip(), what)
+    if clean.lower() in RESERVED_RUN_NAMES:
+        raise ConfigError(
+            f"{what}: '{clean}' is reserved for TuneGraph's shared cache folder; choose another"
+        )
+    return output_path(str(Path("tunegraph") / clean), what)

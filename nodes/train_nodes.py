@@ -22,6 +22,7 @@ from ..trainer.training.run_lock import hold_output_dir
 from . import paths
 from .adapter_scope import clean_transformer
 from .handles import AdapterHandle, CacheHandle
+from .memory_widgets import memory_inputs, memory_keys, preset_settings
 from .run_config import backend_entries, cache_config, claim_run, finished_adapter, load_run_config
 from .run_control import CONTROL, RUN_EVENT, apply_requests, web_run_id
 from .runtime import TRAIN_EVENT, Progress, autograd_on, check_interrupt, free_comfy_models, interrupt_types
@@ -69,6 +70,7 @@ def training_keys(v: dict[str, Any]) -> dict[str, Any]:
         "init_lokr_norm": v["init_lokr_norm"] or None,
         "report_to": "none",
         "resume_from_checkpoint": "latest",  # Cancel, then queue again: continue where it stopped
+        **memory_keys(v),
     }
 
 
@@ -153,6 +155,7 @@ class TrainLoKr(io.ComfyNode):
                     tooltip="1 = train inside ComfyUI; N > 1 = N training processes (one per GPU, DDP) "
                     "started beside ComfyUI; global batch = train_batch_size x N x accumulation",
                 ),
+                *memory_inputs(),
             ],
             outputs=[AdapterSocket.Output(display_name="adapter"), io.Image.Output(display_name="loss_plot")],
             hidden=[io.Hidden.unique_id],
@@ -162,7 +165,7 @@ class TrainLoKr(io.ComfyNode):
     def execute(
         cls, cache: CacheHandle, output_name: str, resume_from: AdapterHandle | None = None, **v: Any
     ):
-        run_dir = paths.output_path(str(Path("tunegraph") / output_name), "TrainLoKr: output_name")
+        run_dir = paths.run_folder(output_name, "TrainLoKr: output_name")
         with hold_output_dir(run_dir, "ComfyUI TrainLoKr", choose="output_name"):  # one run per folder
             return cls._run(cache, run_dir, resume_from, v)
 
@@ -209,7 +212,8 @@ class TrainLoKr(io.ComfyNode):
     def _train(cls, cfg, cache: CacheHandle, run_dir: Path) -> dict[str, Any]:
         progress = Progress(cfg.max_train_steps, cls.hidden.unique_id)
         run_id = web_run_id(run_dir)
-        event = {"run": str(run_dir), "run_id": run_id}
+        cfg, memory = preset_settings(cfg)  # the plan's picks, shown by the live panel
+        event = {"run": str(run_dir), "run_id": run_id, "memory": memory}
         samples = int(cfg.train_batch_size) * int(cfg.gradient_accumulation_steps)
 
         def on_step(step: int, total: int, record: dict[str, Any]) -> None:

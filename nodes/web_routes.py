@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..trainer.errors import ConfigError
+from ..trainer.errors import TuneGraphError
 from ..trainer.training.checkpoint import list_checkpoints
 from ..trainer.training.metrics import METRICS_FILE, read_metrics
 from .run_control import ACTIONS, CONTROL, RunControl
@@ -90,7 +90,7 @@ def add_routes(routes, control: RunControl = CONTROL) -> None:
         run_id = request.match_info["run_id"]
         try:
             body = run_history(run_id, paths.output_dir(), control)
-        except ConfigError as e:
+        except TuneGraphError as e:  # a bad id (400), or a damaged run folder named in the message
             return error(400, str(e))
         if not body["active"] and not Path(body["run"]).is_dir():
             return error(

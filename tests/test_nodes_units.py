@@ -67,7 +67,7 @@ def test_claim_resumes_same_run_and_moves_a_changed_runs_files_aside(tmp_path: P
     assert claim_run_dir(run, "aaa") == "fresh"
     ckpt = run / "checkpoint-4"
     ckpt.mkdir()
-    (ckpt / MARKER).write_text("{}")
+    (ckpt / MARKER).write_text('{"step": 4, "files": []}')  # a marker that parses
     assert claim_run_dir(run, "aaa") == "resume"
     assert ckpt.exists()
     assert claim_run_dir(run, "bbb") == "fresh"

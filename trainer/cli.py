@@ -1,4 +1,4 @@
-"""`tunegraph` command line: train | check | cache | validate | export | demo | tiny-models | bench.
+"""`tunegraph` command line: train | check | cache | validate | export | demo | tiny-models | plan | bench.
 
 Every command takes `--json`: a machine-readable summary is then the last line of stdout. Logs and
 progress bars go to stderr.
@@ -7,6 +7,7 @@ progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -20,8 +21,15 @@ from .errors import TuneGraphError
 def _config(args: argparse.Namespace):
     from .config import load_config
 
-    overrides = dict(kv.split("=", 1) for kv in args.set or [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, dict(args.set or []))
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """--set KEY=VALUE; anything else is a usage error (argparse exits 2 with the message)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,6 +95,12 @@ def cmd_tiny_models(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from .commands.plan import cmd_plan as run
+
+    return run(args, _config(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from .bench.command import cmd_bench as run
 
@@ -105,7 +119,11 @@ def _parser() -> argparse.ArgumentParser:
         if config:
             sp.add_argument("--config", required=True, help="SimpleTuner-style config.json")
             sp.add_argument(
-                "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+                "--set",
+                action="append",
+                type=_key_value,
+                metavar="KEY=VALUE",
+                help="override a config key (repeatable)",
             )
         return sp
 
@@ -130,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--comfyui", metavar="DIR", help="also write them into this ComfyUI's models/ folders")
     sp.add_argument("--family", action="append", default=None, help="flux (default) or hidream; repeatable")
     sp.add_argument("--seed", type=int, default=0)
+    sp = add("plan", cmd_plan, "estimate device memory and host RAM per phase before training", config=True)
+    from .commands.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(sp)
     sp = add(
         "bench", cmd_bench, "time our training step against plain diffusers + LyCORIS (GPU; --smoke on CPU)"
     )
@@ -161,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; run again to continue from it", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = os.path.dirname(e.filename) if e.filename else "the output folder"
+        print(f"error: the disk is full while writing {e.filename or where}; free space in {where} "
+              "and run again (checkpoints already written are kept)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.json and rank == 0:  # one summary per job, not one per process
         print(json.dumps(summary, default=str))
     return 0

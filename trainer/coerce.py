@@ -5,6 +5,7 @@ Each function takes the raw value and `where` (e.g. "config.json: key 'resolutio
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .errors import ConfigError
@@ -42,6 +43,8 @@ def to_float(value: Any, where: str) -> float:
 
 def to_int(value: Any, where: str) -> int:
     number = to_float(value, where.replace("expects", "")) if not isinstance(value, int) else value
+    if isinstance(number, float) and not math.isfinite(number):  # 1e400 parses as inf
+        raise _fail(where, "a finite whole number", value)
     if isinstance(number, bool) or float(number) != int(number):
         raise _fail(where, "a whole number", value)
     return int(number)

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,21 @@ def _coerce(name: str, key: Key, value: Any, source: str) -> Any:
     if key.choices and result is not None and result not in key.choices:
         hint = did_you_mean(str(result), key.choices)
         raise ConfigError(f"{where}: {result!r} is not one of {', '.join(key.choices)}{hint}")
+    if key.kind in ("int", "float") and result is not None:
+        check_range(key, result, where)
     return result
+
+
+def check_range(key: Key, value: float, where: str) -> None:
+    """issue 18: NaN / Inf and values outside the key's declared range are errors naming the key."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
+    low, high = key.minimum, key.maximum
+    if low is not None and (value <= low if key.above else value < low):
+        bound = f"> {low:g}" if key.above else f">= {low:g}"
+        raise ConfigError(f"{where} must be {bound}, got {value:g}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where} must be <= {high:g}, got {value:g}")
 
 
 _is_noop = is_noop

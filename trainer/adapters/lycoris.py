@@ -23,7 +23,7 @@ from .lycoris_config import check_targets, read_lycoris_config, resolve_preset
 from .targets import class_aliases, no_match_error
 
 log = logging.getLogger("tunegraph")
-_QUANT_CLASSES = {"QLinear", "Linear8bitLt", "Linear4bit"}
+_QUANT_CLASSES = {"QLinear", "Linear8bitLt", "Linear4bit", "Fp8Linear"}  # Fp8Linear: issue 13
 
 # LycorisNetwork's class defaults (lycoris 4.1.3 wrapper.py), restored before every network.
 _DEFAULTS = {

@@ -15,6 +15,7 @@ from ..data.backends import Backends, DatasetSpec, load_backends
 from ..data.discovery import Discovery, discover
 from ..data.sampler import TrainingData
 from ..data.sizing import check_dataset_size
+from ..errors import DatasetError
 from .latents import LatentItem, cache_latents, plan_latents
 from .text_embeds import cache_text_embeds
 
@@ -50,11 +51,29 @@ def _buckets(items: list[LatentItem]) -> dict[str, int]:
     return dict(sorted(Counter(item.plan.bucket for item in items).items()))
 
 
-def _check_size(spec: DatasetSpec, items: list[LatentItem], cfg: Any) -> None:
+def _check_size(spec: DatasetSpec, items: list[LatentItem], cfg: Any, found: Discovery) -> None:
+    if not items:  # every image failed (e.g. a half-downloaded folder): say how many and why
+        reasons = "; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in found.skipped[:3])
+        raise DatasetError(
+            f"{spec.source}: dataset '{spec.id}': none of its {found.found} files is usable, "
+            f"{len(found.skipped)} failed ({reasons}); fix or replace the images"
+        )
     if spec.probability > 0:  # a dataset never drawn does not need to fill a batch
         batch, accum = _setting(cfg, "train_batch_size", 1), _setting(cfg, "gradient_accumulation_steps", 1)
         keep = bool(getattr(cfg, "disable_bucket_pruning", False))
         check_dataset_size(spec.id, _buckets(items), spec.repeats, batch, accum, spec.source, keep)
+
+
+MAX_EDGE = 16384  # px; a bigger bucket would take hours or all memory to encode, never what was meant
+
+
+def _check_bucket_edges(spec: DatasetSpec, items: list[LatentItem]) -> None:
+    big = max((max(item.plan.size) for item in items), default=0)
+    if big > MAX_EDGE:
+        raise DatasetError(
+            f"{spec.source}: dataset '{spec.id}': resolution {spec.resolution:g} ({spec.resolution_type}) "
+            f"makes {big} px buckets; at most {MAX_EDGE} px per edge (resolution_type 'area' counts megapixels)"
+        )
 
 
 def _plan_all(backends: Backends, cfg: Any, vae_id: str) -> list[tuple[Discovery, list[LatentItem]]]:
@@ -63,7 +82,8 @@ def _plan_all(backends: Backends, cfg: Any, vae_id: str) -> list[tuple[Discovery
     for spec in backends.datasets:
         found = discover(spec)
         items = plan_latents(found, _setting(cfg, "seed", 0), vae_id)
-        _check_size(spec, items, cfg)
+        _check_bucket_edges(spec, items)
+        _check_size(spec, items, cfg, found)
         planned.append((found, items))
     return planned
 
@@ -83,7 +103,7 @@ def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progres
                 found.skip(item.record.path, failed[item.key])
         items = [item for item in items if item.key not in failed]
         if failed:
-            _check_size(spec, items, cfg)
+            _check_size(spec, items, cfg, found)
         datasets.append(
             CachedDataset(spec, [CachedItem(i.path, i.plan.bucket, i.record.captions) for i in items])
         )

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..data.buckets import Plan, plan_image
 from ..data.discovery import Discovery, ImageRecord
 from ..data.transforms import RESAMPLE, prepare_pixels
-from .store import content_key, entry_path, is_valid, save_tensors
+from .store import DiskFullError, content_key, entry_path, save_tensors, usable
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,17 @@ def _batches(items: list[LatentItem], batch_size: int) -> list[list[LatentItem]]
     return [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
 
 
+def latent_shape(model, item: LatentItem) -> dict[str, tuple[int, ...]] | None:
+    """The shape a latent of this item must have: [C, H/f, W/f] for the model's VAE (f = 2^(levels-1))."""
+    vae = getattr(model, "vae", None)
+    blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    if not blocks:
+        return None
+    factor = 2 ** (len(blocks) - 1)
+    w, h = item.plan.size
+    return {"latents": (int(model.latent_channels), h // factor, w // factor)}
+
+
 def _encode_batch(model, batch: list[LatentItem], failed: dict[str, str]) -> int:
     pixels, ok = [], []
     for item in batch:
@@ -65,9 +76,12 @@ def _encode_batch(model, batch: list[LatentItem], failed: dict[str, str]) -> int
     with torch.no_grad():
         latents = model.encode_images(torch.stack(pixels))
     for item, latent in zip(ok, latents, strict=True):
+        if not bool(torch.isfinite(latent).all()):  # never cache a NaN the loss would then chase
+            failed[item.key] = "the VAE produced NaN/Inf for this image"
+            continue
         meta = {"kind": "latents", "vae_id": str(model.vae_id), "size": item.plan.bucket}
         save_tensors(item.path, {"latents": latent}, meta)
-    return len(ok)
+    return len(ok) - sum(item.key in failed for item in ok)
 
 
 def cache_latents(
@@ -76,13 +90,16 @@ def cache_latents(
     """Encode the missing latents. Returns (cached, reused, failed: key -> reason) counted over
     unique keys, so the same image listed twice is encoded once."""
     unique = list({item.key: item for item in items}.values())
-    missing = [item for item in unique if not is_valid(item.path)]
+    missing = [item for item in unique if not usable(item.path, latent_shape(model, item))]
     failed: dict[str, str] = {}
     cached = 0
     with tqdm(
         total=len(missing), desc=desc, unit="img", file=sys.stderr, disable=not progress or not missing
     ) as bar:
         for batch in _batches(missing, max(1, batch_size)):
-            cached += _encode_batch(model, batch, failed)
+            try:
+                cached += _encode_batch(model, batch, failed)
+            except DiskFullError as e:  # say how much the rest needs; what was written stays
+                raise DiskFullError(e.folder, e.entry_bytes, len(missing) - cached) from None
             bar.update(len(batch))
     return cached, len(unique) - len(missing), failed

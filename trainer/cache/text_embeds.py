@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..data.backends import TextEmbedSpec
 from ..errors import TrainingError
-from .store import content_key, entry_path, is_valid, load_tensors, save_tensors
+from .store import DiskFullError, content_key, entry_path, load_tensors, save_tensors, usable
 
 
 def text_key(caption: str, text_encoder_id: str) -> str:
@@ -56,7 +56,7 @@ def cache_text_embeds(
     """Ensure an entry for each caption (plus ""). Returns (caption -> file, cached, reused)."""
     unique = sorted(set(captions) | {""})
     paths = {c: text_path(spec, c, model.text_encoder_id) for c in unique}
-    missing = [c for c in unique if not is_valid(paths[c])]
+    missing = [c for c in unique if not usable(paths[c])]
     step = max(1, spec.encode_batch_size or spec.write_batch_size or 1)
     with tqdm(
         total=len(missing),
@@ -66,7 +66,10 @@ def cache_text_embeds(
         disable=not progress or not missing,
     ) as bar:
         for i in range(0, len(missing), step):
-            _write_chunk(model, spec, missing[i : i + step])
+            try:
+                _write_chunk(model, spec, missing[i : i + step])
+            except DiskFullError as e:  # say how much the rest needs; what was written stays
+                raise DiskFullError(e.folder, e.entry_bytes, len(missing) - i) from None
             bar.update(len(missing[i : i + step]))
     return paths, len(missing), len(unique) - len(missing)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..adapters.export import export_state
 from ..errors import TrainingError
+from ..training.ckpt_manifest import verify
 
 log = logging.getLogger("tunegraph")
 COMPLETE_MARKER = "complete"  # written last by training/checkpoint.py
@@ -30,6 +31,8 @@ def export_checkpoint(checkpoint_dir: Path, out_file: Path) -> Path:
         raise TrainingError(f"--out '{out_file}' must end in .safetensors (ComfyUI lists only those)")
     if not (checkpoint_dir / COMPLETE_MARKER).is_file():
         log.warning("%s has no '%s' marker: it may be half-written", checkpoint_dir, COMPLETE_MARKER)
+    elif (problem := verify(checkpoint_dir)) is not None:  # never export a damaged adapter
+        raise TrainingError(f"checkpoint {checkpoint_dir} is damaged ({problem}); export another checkpoint")
     try:
         return export_state(checkpoint_dir, out_file)
     except OSError as e:

@@ -12,14 +12,17 @@ content-addressed, so sharing a folder between datasets or runs is safe.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import coerce
-from ..config import did_you_mean
+from ..config import check_range, did_you_mean
+from ..config_keys import KEYS
 from ..errors import ConfigError
 from ..jsonfile import load_json
+from ..names import plain_name
 from ..simpletuner_options import DATASET_KEYS, DATASET_NO_EFFECT
 from .path_variables import fill_entry
 
@@ -118,13 +121,15 @@ class _Entry:
 
     def positive(self, key: str, default: float | None) -> float | None:
         value = self.get(key, coerce.to_float, default)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{self.where(key)} must be > 0, got {value}")
+        if value is not None:
+            check_range(KEYS[key], value, self.where(key))  # the config key's range (issue 18)
         return value
 
     def limit(self, key: str, default: float | None) -> float | None:
         """An optional size limit: 0 or unset means none (SimpleTuner configs write 0)."""
         value = self.get(key, coerce.to_float, default)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{self.where(key)}: {value} is not a finite number")
         if value is not None and value < 0:
             raise ConfigError(f"{self.where(key)} must be 0 (no limit) or more, got {value}")
         return value or None
@@ -200,7 +205,7 @@ def _image_spec(entry: _Entry, cfg: Any, base_dir: Path | None) -> DatasetSpec:
     if repeats < 0:
         raise ConfigError(f"{e.where('repeats')} must be 0 or more (0 = each image once per epoch)")
     probability = e.get("probability", coerce.to_float, 1.0)
-    if probability < 0:
+    if not math.isfinite(probability) or probability < 0:
         raise ConfigError(f"{e.where('probability')} must be 0 or more")
     e.choice("metadata_backend", METADATA_BACKENDS, "discovery")  # where SimpleTuner keeps metadata
     vae_default = (
@@ -284,6 +289,7 @@ def parse_backends(entries: list[dict], cfg: Any, source: str, base_dir: Path | 
         if not str(raw.get("id", "")).strip():
             raise ConfigError(f"{source}: dataset #{index + 1} has no 'id'; give each dataset a unique id")
         raw = fill_entry({**raw, "id": str(raw["id"])}, _family(cfg), _cfg(cfg, "output_dir"))
+        raw["id"] = plain_name(str(raw["id"]), f"{source}: dataset #{index + 1}: key 'id'")  # a folder name
         entry = _Entry(raw, source, repr(raw["id"]))
         if raw["id"] in seen:
             raise ConfigError(f"{source}: dataset id {raw['id']!r} is used twice; ids must be unique")

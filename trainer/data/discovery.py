@@ -8,7 +8,9 @@ caption per non-empty line unless `disable_multiline_split`; `instanceprompt` us
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from .buckets import too_small
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Companion files a dataset folder normally holds: neither images nor worth a "skipped" line.
 COMPANION_EXTS = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".md", ".caption", ".yaml", ".yml")
-_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_ROTATED = (5, 6, 7, 8)
+log = logging.getLogger("tunegraph")  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,12 @@ class Discovery:
     skipped: list[dict] = field(default_factory=list)
 
     def skip(self, path: Path, reason: str) -> None:
-        self.skipped.append({"path": str(path), "reason": reason})
+        self.skipped.append({"path": readable(str(path)), "reason": reason})
+
+
+def readable(text: str) -> str:
+    """A file name as valid text: bytes that were not UTF-8 (kept by Python as surrogates) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def file_hash(path: Path) -> str:
@@ -52,11 +60,28 @@ def file_hash(path: Path) -> str:
 
 
 def _walk(folder: Path) -> list[Path]:
-    out = []
+    """Files under folder, following links to folders, but each real folder once: a symlink loop (or a
+    second link to the same folder) is walked once, with one warning, instead of ~40 times."""
+    out, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("%s: a link back to a folder already read (symlink loop?); skipped", readable(root))
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
     return out
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why `path` must not be opened (a FIFO would block forever, a device never ends), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot be read ({e.strerror}; a broken link?)"
+    return None if stat.S_ISREG(mode) else "not a regular file (a pipe, device or socket)"
 
 
 def read_size(path: Path) -> tuple[int, int]:
@@ -74,7 +99,7 @@ def captions_for(path: Path, spec: DatasetSpec) -> tuple[str, ...]:
     if spec.caption_strategy == "instanceprompt":
         return (spec.instance_prompt,)
     if spec.caption_strategy == "filename":
-        found = [path.stem.replace("_", " ").strip()]
+        found = [readable(path.stem).replace("_", " ").strip()]
     else:
         txt = path.with_suffix(".txt")
         if not txt.is_file():
@@ -113,7 +138,11 @@ def discover(spec: DatasetSpec) -> Discovery:
             continue
         result.found += 1
         if ext not in IMAGE_EXTS:
-            result.skip(path, f"not an image file ({ext or 'no extension'})")
+            result.skip(path, f"not an image file ({readable(ext) or 'no extension'})")
+            continue
+        problem = _not_regular(path)
+        if problem is not None:
+            result.skip(path, problem)
             continue
         try:
             size = read_size(path)

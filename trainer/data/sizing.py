@@ -23,7 +23,9 @@ def usable_samples(
 
 
 def repeats_needed(bucket_counts: dict[str, int], batch_size: int, need: int) -> int:
-    """Smallest `repeats` giving at least `need` usable samples."""
+    """Smallest `repeats` giving at least `need` usable samples (`need` when no image is usable)."""
+    if not any(n > 0 for n in bucket_counts.values()):
+        return need  # nothing repeats into a batch; the caller reports the empty dataset instead
     repeats = 0
     while usable_samples(bucket_counts, repeats, batch_size) < need:
         repeats += 1

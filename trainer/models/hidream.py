@@ -46,6 +46,8 @@ from transformers import (
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
 from .loading import ModelSource, apply_overrides, folder_flavour, load_folder_parts, save_pipeline_folder
+from .single_file import checkpoint_parts, source_flavour
+from .text_encoder_source import files_only_parts, plan_text_encoder_files
 from .tiny_hidream import hidream_scheduler, tiny_hidream_parts, tiny_hidream_transformer
 
 FLAVOUR_SHIFTS = {"full": 3.0, "dev": 6.0, "fast": 3.0, "tiny": 3.0}
@@ -139,11 +141,20 @@ class HiDreamModel(ModelBundle):
         """Tiny models built in code (flavour "tiny" and no folder), else a local diffusers folder
         with text_encoder_4/ and tokenizer_4/ inside; transformer and VAE overrides as for Flux."""
         root = source.folder("pretrained_model_name_or_path", cls.hub_ids.get(source.flavour or "full"))
-        flavour = cls.check_flavour(source.flavour or folder_flavour(root), source.origin)
+        flavour = cls.check_flavour(
+            source.flavour or folder_flavour(root) or source_flavour(cls.family, source), source.origin
+        )
+        checkpoint = source.weights_file("pretrained_model_name_or_path")  # an all-in-one file
+        # text_encoder_N_path, checked before any weight loads (a checkpoint's own come with its parts)
+        text_files = plan_text_encoder_files(cls.family, source) if checkpoint is None else None
         if root is not None:
             parts = _load_folder(root, dtype, source.origin)
+        elif checkpoint is not None:
+            parts = checkpoint_parts(cls.family, checkpoint, dtype, source)
         elif flavour == "tiny":
             parts = tiny_hidream_parts(source.seed)
+        elif (files := files_only_parts(cls.family, source, flavour)) is not None:
+            parts = files
         else:
             raise ConfigError(
                 f"{source.origin}: key 'pretrained_model_name_or_path' is not set. TuneGraph never downloads "
@@ -151,7 +162,8 @@ class HiDreamModel(ModelBundle):
                 "text_encoder_4) yourself and set the key to the local diffusers folder, or use "
                 "model_flavour 'tiny' for the built-in test model."
             )
-        apply_overrides(parts, source, dtype, HiDreamImageTransformer2DModel)
+        apply_overrides(parts, source, dtype, HiDreamImageTransformer2DModel, cls.family, device)
+        parts.update(text_files.load(dtype) if text_files else {})
         encoders = ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"]
         for name in ["transformer", "vae", *encoders]:
             parts[name] = place_module(parts[name], device, dtype)

@@ -2,14 +2,17 @@
 
 A checkpoint is written into `output_dir/.checkpoint-N.tmp-<pid>/`, every file fsynced, a
 `complete` marker written last inside it, and only then renamed to `checkpoint-N`. A run killed at
-any moment therefore leaves either the old state or a whole new checkpoint; `find_latest_checkpoint`
-only ever picks directories that carry the marker.
+any moment therefore leaves either the old state or a whole new checkpoint. The marker carries a
+manifest (size + sha256 per file, ckpt_manifest.py): resuming verifies it, and `latest` skips a
+damaged checkpoint (named in a warning) for the newest one that verifies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json as jsonlib
+import logging
 import os
 import re
 import shutil
@@ -23,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
+from .ckpt_manifest import MARKER, build_manifest, read_marker, verify
 
-MARKER = "complete"
+log = logging.getLogger("tunegraph")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _SCRATCH = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)-(\d+)$")
 
@@ -48,7 +52,8 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def is_complete(path: str | Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+    """The marker is there and parses (a torn or empty marker means the write never finished)."""
+    return read_marker(path) is not None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -65,8 +70,52 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    """The newest checkpoint that verifies against its manifest; each newer one that does not is
+    named in a warning and skipped."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); skipped, trying an older one", path, problem)
+    return None
+
+
+def _restore_orphans(root: Path) -> None:
+    """Put back a complete `.checkpoint-N.old-PID` whose checkpoint-N vanished (a writer killed between
+    the two renames of an overwrite). At resume time this process writes nothing, so its own pid's
+    leftovers count as orphans too."""
+    clean_stale(root)
+    for child in root.iterdir() if root.is_dir() else ():
+        match = _SCRATCH.match(child.name)
+        final = checkpoint_dir(root, int(match.group(1))) if match else None
+        if match and match.group(2) == "old" and int(match.group(3)) == os.getpid() and is_complete(child):
+            _put_back(child, final)
+
+
+def _put_back(old: Path, final: Path) -> None:
+    """Rename a moved-aside checkpoint back; another rank doing the same first is fine."""
+    if not final.exists():
+        with contextlib.suppress(OSError):
+            os.replace(old, final)
+
+
+def _latest_or_stop(root: Path) -> Path | None:
+    """`latest`: the newest verified checkpoint; None only when there was never one. Checkpoints that
+    exist but all fail verification stop the run instead of silently restarting at step 0."""
+    _restore_orphans(root)
+    found = find_latest_checkpoint(root)
+    if found is not None:
+        return found
+    damaged = [(p, verify(p)) for _, p in list_checkpoints(root)]
+    damaged += [(p, "no complete marker") for p in root.glob("checkpoint-*") if _NAME.match(p.name)
+                and (p / MARKER).exists() and not is_complete(p)]  # fmt: skip
+    if not damaged:
+        return None
+    listed = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+    raise TrainingError(
+        f"resume_from_checkpoint 'latest': {root} has checkpoints but none verifies ({listed}). Not "
+        "restarting from step 0: move them away to start over, or name a good checkpoint"
+    )
 
 
 def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | Path | None) -> Path | None:
@@ -76,7 +125,7 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | Path | 
         return None
     value = str(resume_from_checkpoint).strip()
     if value.lower() == "latest":
-        return find_latest_checkpoint(output_dir)
+        return _latest_or_stop(Path(output_dir))
     given = Path(value).expanduser()
     candidates = [given] if given.is_absolute() else [given, Path(output_dir) / given]
     for path in candidates:
@@ -85,6 +134,11 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | Path | 
                 raise TrainingError(
                     f"resume_from_checkpoint '{value}': {path} is not a complete checkpoint (no '{MARKER}' "
                     "marker: it was interrupted while being written); choose another one or 'latest'"
+                )
+            problem = verify(path)
+            if problem is not None:
+                raise TrainingError(
+                    f"resume_from_checkpoint '{value}': {path} is damaged ({problem}); choose another one or 'latest'"
                 )
             return path
     tried = " and ".join(str(p) for p in candidates)
@@ -142,7 +196,7 @@ def clean_stale(output_dir: str | Path) -> None:
             continue
         final = checkpoint_dir(root, int(match.group(1)))
         if match.group(2) == "old" and is_complete(child) and not final.exists():
-            os.replace(child, final)
+            _put_back(child, final)
         else:
             _remove(child)
 
@@ -164,7 +218,8 @@ def _write_payload(tmp: Path, tensors, objects, json, files) -> list[str]:
 
 
 def _write_marker(tmp: Path, step: int, written: list[str]) -> None:
-    marker = {"step": int(step), "files": written, "time": time.time()}
+    manifest = build_manifest(tmp, written)
+    marker = {"step": int(step), "files": written, "manifest": manifest, "time": time.time()}
     with open(tmp / MARKER, "w", encoding="utf-8") as f:
         f.write(jsonlib.dumps(marker, indent=2))
         f.flush()
@@ -178,7 +233,12 @@ def _publish(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)  # never leave the step without its old checkpoint
+        raise
     _fsync_dir(final.parent)
     if old is not None:
         _remove(old)
@@ -254,14 +314,17 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     """Read a complete checkpoint dir: *.safetensors -> tensors, *.pt -> objects (weights_only),
     *.json -> json. Other files stay on disk for their owners (see `Checkpoint.file`)."""
     root = Path(path)
-    if not is_complete(root):
+    marker = read_marker(root)
+    if marker is None:
         raise TrainingError(f"{root} is not a complete checkpoint (no '{MARKER}' marker)")
-    marker = jsonlib.loads((root / MARKER).read_text(encoding="utf-8"))
-    missing = [name for name in marker.get("files", []) if not (root / name).is_file()]
+    missing = [name for name in marker["files"] if not (root / name).is_file()]
     if missing:
         raise TrainingError(f"checkpoint {root} is missing {', '.join(missing)}; choose another checkpoint")
+    problem = verify(root)
+    if problem is not None:
+        raise TrainingError(f"checkpoint {root} is damaged ({problem}); choose another checkpoint")
     ckpt = Checkpoint(path=root, step=int(marker["step"]))
-    for name in marker.get("files", []):
+    for name in marker["files"]:
         file = root / name
         try:
             if name.endswith(".safetensors"):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 
 log = logging.getLogger("tunegraph")
 
@@ -53,26 +53,53 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _record(raw: bytes) -> dict[str, Any] | None:
+    """One line as a record, or None when it is torn, foreign, not UTF-8, not an object or has no
+    whole-number step."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int):
+        return None
+    return record
+
+
+def _lines(p: Path) -> list[bytes]:
+    if p.exists() and not p.is_file():
+        raise TrainingError(f"{p} is not a file (a folder is in its place); move it away and run again")
+    try:
+        return p.read_bytes().splitlines() if p.is_file() else []
+    except OSError as e:
+        raise TrainingError(f"{p} cannot be read ({e.strerror}); move it away and run again") from None
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
-    records = []
+    """All records of a metrics.jsonl. Lines that are not records (a torn last line of a killed run,
+    foreign text, bytes that are not UTF-8) are skipped with one warning naming the file."""
     p = Path(path)
-    if not p.is_file():
-        return records
-    for line in p.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+    records, bad = [], 0
+    for raw in _lines(p):
+        if not raw.strip():
             continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        record = _record(raw)
+        if record is None:
+            bad += 1
+        else:
+            records.append(record)
+    if bad:
+        log.warning("%s: %d line(s) are not metric records; skipped", p, bad)
     return records
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> int:
-    """Keep only records with step <= last_step (rewritten atomically); returns how many were kept."""
+    """Keep only good records with step <= last_step (rewritten atomically, so damaged lines go too);
+    returns how many were kept."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         return 0
     kept = [r for r in read_metrics(p) if int(r.get("step", 0)) <= last_step]
     tmp = p.with_name(p.name + ".tmp")

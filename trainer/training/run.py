@@ -16,7 +16,10 @@ from ..adapters import attach_adapter
 from ..adapters.files import run_metadata
 from ..cache.build import build_training_data
 from ..errors import TrainingError
-from ..models import load_model
+from ..plan.check import check_memory
+from ..plan.offload import apply_group_offload
+from ..plan.placement import load_placed
+from ..plan.presets import apply_memory_preset, memory_settings
 from ..preflight import preflight
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -128,6 +131,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     """Load (or take) the model, build caches and data (or take a ready sampler: the benchmark's
     synthetic batch), attach the adapter, resume if asked.
     Under torchrun / accelerate launch, joins the process group (see distributed.py)."""
+    cfg = apply_memory_preset(cfg)  # memory_preset: precision, checkpointing, offload by card size
     dist = setup()
     if dist.enabled and model is not None:
         raise TrainingError("a preloaded model cannot be shared by several processes; let each rank load it")
@@ -136,9 +140,10 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     check_resume(resume_path, cfg)  # a changed model/adapter/data key fails here, before loading
     seed_everything(cfg.seed)
+    check_memory(cfg, dist.device)  # the memory plan, before anything heavy loads (trainer/plan/)
     if model is None:
         preflight(cfg)  # issue 15: what the config alone decides fails before any weight is loaded
-        model = load_model(cfg, device=dist.device, dtype=_weight_dtype(cfg))
+        model = load_placed(cfg, dist.device, _weight_dtype(cfg))
     quantize_model(model, cfg)  # before caching: quantised text encoders change the embeddings
     if data is None:
         with dist.main_first():  # rank 0 writes the caches, the others then find them
@@ -148,6 +153,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     adapter = attach_adapter(model.transformer, cfg, model)
+    apply_group_offload(model.transformer, cfg, dist.device)
     optimizer = build_optimizer(cfg, adapter.parameters())
     total = _total_steps(cfg, len(data))
     run = Run(
@@ -252,6 +258,7 @@ def save_final(run: Run) -> dict[str, Any]:
         "output_dir": str(run.output_dir),
         "adapter": str(adapter_path),
         "steps": run.step,
+        "memory": memory_settings(run.cfg),
     }
     if run.ema is not None:
         with run.ema_weights():
