@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from ..trainer.config import TrainConfig
 from ..trainer.config_keys import PRECISIONS as PRECISION_NAMES
 from ..trainer.errors import ConfigError
-from ..trainer.models import FAMILIES, load_model
+from ..trainer.models import FAMILIES
+from ..trainer.models.prepare import prepare_model
 from ..trainer.quantize import quantize_model
 from . import paths
 from .handles import TrainingModel
@@ -19,7 +20,7 @@ from .runtime import autograd_on, torch_device
 from .sockets import CATEGORY, ModelSocket
 
 FLAVOURS = sorted({f for fam in FAMILIES.values() for f in fam.flavours})
-PRECISIONS = {"bf16": (torch.bfloat16, "bf16"), "fp32": (torch.float32, "no")}
+PRECISIONS = {"bf16": "bf16", "fp32": "no"}  # widget -> mixed_precision
 QUANT_PRECISIONS = list(PRECISION_NAMES)
 
 
@@ -28,7 +29,7 @@ def model_keys(family: str, flavour: str, folder: str, precision: str) -> dict:
     if family not in FAMILIES:
         raise ConfigError(f"LoadTrainingModel: model_family '{family}' is not one of {', '.join(FAMILIES)}")
     FAMILIES[family].check_flavour(flavour, "LoadTrainingModel")
-    keys = {"model_family": family, "model_flavour": flavour, "mixed_precision": PRECISIONS[precision][1]}
+    keys = {"model_family": family, "model_flavour": flavour, "mixed_precision": PRECISIONS[precision]}
     if folder.strip():
         import folder_paths
 
@@ -83,7 +84,7 @@ class LoadTrainingModel(io.ComfyNode):
         }
         cfg = TrainConfig.from_dict(keys, source="LoadTrainingModel")
         with autograd_on():  # weights made under inference_mode could never be trained
-            bundle = load_model(cfg, device=torch_device(), dtype=PRECISIONS[precision][0])
+            bundle = prepare_model(cfg, torch_device())  # dtype from mixed_precision, as the CLI
         return io.NodeOutput(TrainingModel(bundle, keys, fingerprint(keys, seed)))
 
 

@@ -173,5 +173,6 @@ def train(
         eval_loss_first=first_eval,
         eval_loss_last=last_eval,
         metrics=str(Path(run.output_dir) / "metrics.jsonl"),
+        cache=getattr(getattr(run.data, "cached", None), "summary", None),  # cached / reused counts
     )
     return summary

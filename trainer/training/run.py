@@ -16,7 +16,7 @@ from ..adapters import attach_adapter
 from ..adapters.files import run_metadata
 from ..cache.build import build_training_data
 from ..errors import TrainingError
-from ..models import load_model
+from ..models.prepare import prepare_model
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import Dist, setup, wrap_for_ddp
@@ -118,10 +118,6 @@ def _total_steps(cfg, steps_per_epoch: int) -> int:
     return max(1, (cfg.num_train_epochs or 1) * per_epoch)
 
 
-def _weight_dtype(cfg) -> torch.dtype:
-    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-
-
 def prepare_run(cfg, model=None, data=None) -> Run:
     """Load (or take) the model, build caches and data (or take a ready sampler: the benchmark's
     synthetic batch), attach the adapter, resume if asked.
@@ -134,8 +130,9 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     seed_everything(cfg.seed)
     if model is None:
-        model = load_model(cfg, device=dist.device, dtype=_weight_dtype(cfg))
-    quantize_model(model, cfg)  # before caching: quantised text encoders change the embeddings
+        model = prepare_model(cfg, dist.device)
+    else:  # a model given (a node's, the bench's): quantised as cfg says if not yet (idempotent)
+        quantize_model(model, cfg)
     if data is None:
         with dist.main_first():  # rank 0 writes the caches, the others then find them
             data = build_training_data(cfg, model, progress=dist.is_main)
