@@ -37,7 +37,9 @@ def test_cache_then_train_reuses_every_latent_and_embed(tmp_path: Path, capsys, 
     cached = run_cli(capsys, "cache", "--config", config, *extra)
     trained = run_cli(capsys, "train", "--config", config, *extra)
     first, second = cached["datasets"][0], trained["cache"]["datasets"][0]
-    print(f"{precision}: cache {cached['text_embeds']} {first['latents_cached']} latents; train {trained['cache']}")
+    print(
+        f"{precision}: cache {cached['text_embeds']} {first['latents_cached']} latents; train {trained['cache']}"
+    )
     assert first["latents_cached"] == 8 and first["latents_reused"] == 0
     assert second["latents_reused"] == 8 and second["latents_cached"] == 0
     assert cached["text_embeds"]["cached"] >= 8
@@ -46,7 +48,9 @@ def test_cache_then_train_reuses_every_latent_and_embed(tmp_path: Path, capsys, 
 
 def test_validate_renders_an_int8_adapter_on_the_int8_base(tmp_path: Path, capsys, monkeypatch) -> None:
     config = str(write_demo_config(tmp_path / "demo", steps=1))
-    extra = sets("mixed_precision=bf16", *QUIET, "base_model_precision=int8-quanto", "validation_resolution=64x64")
+    extra = sets(
+        "mixed_precision=bf16", *QUIET, "base_model_precision=int8-quanto", "validation_resolution=64x64"
+    )
     run_cli(capsys, "train", "--config", config, *extra)
     bases = []
 
