@@ -136,6 +136,9 @@ KEYS: dict[str, Key] = {
     "base_model_default_dtype": _k("str", "bf16", "bf16", "fp32"),
     **{f"text_encoder_{i}_precision": _k("str", "no_change", *PRECISIONS) for i in range(1, 5)},
     "quantize_via": _k("str", None, "cpu", "accelerator"),
+    # issue 13/14: memory by phase (training/phases.py)
+    "offload_during_startup": _k("bool", False),
+    "keep_vae_loaded": _k("bool", False),
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01),
@@ -145,7 +148,6 @@ KEYS: dict[str, Key] = {
 UNSUPPORTED: dict[str, Any] = {
     "validation_torch_compile": False,
     "validation_guidance_rescale": 0.0,
-    "offload_during_startup": None,
     "disable_benchmark": None,
     "tread_config": None,
     "validation_preview": False,
@@ -191,7 +193,6 @@ UNSUPPORTED: dict[str, Any] = {
     "freeze_encoder": None,
     "text_encoder_limit": None,
     "quantize_activations": False,
-    "keep_vae_loaded": None,
     "skip_file_discovery": None,
     "disable_tf32": None,
     "max_workers": None,

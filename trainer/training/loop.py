@@ -128,6 +128,21 @@ def train(
     `control(run)` runs after on_step (the web panel's requests: checkpoint, validate); when it
     returns True training stops early: a checkpoint at that step, then the final files as usual."""
     run = prepare_run(cfg, model=model)
+    try:
+        return _train_run(run, on_step, interrupt_types, progress, final_checkpoint, control)
+    finally:
+        run.close()  # a lent model gets its text encoders and VAE back where they were
+
+
+def _train_run(
+    run: Run,
+    on_step: StepCallback | None,
+    interrupt_types: tuple[type[BaseException], ...],
+    progress: bool | None,
+    final_checkpoint: bool,
+    control: ControlCallback | None,
+) -> dict[str, Any]:
+    cfg = run.cfg
     main = run.dist.is_main  # with several processes, rank 0 alone evaluates, logs and writes files
     evals = EvalSet.build(run) if main else EvalSet()
     started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import Dist, setup, wrap_for_ddp
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, clip_gradients
+from .phases import TrainingView, training_view
 from .rng import capture_rng_state, make_generator, restore_rng_state, seed_everything
 
 log = logging.getLogger("tunegraph")
@@ -49,6 +51,11 @@ class Run:
     dist: Dist = field(default_factory=Dist)
     ddp: Any = None  # DistributedDataParallel(transformer + adapter) when dist.enabled
     stop: bool = False  # every rank agreed to stop after this step (a signal reached one of them)
+    view: TrainingView | None = None  # memory by phase (phases.py); close() gives a lent model back
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +136,8 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     _check_writable(output_dir)
     resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     seed_everything(cfg.seed)
-    if model is None:
+    owned = model is None
+    if owned:
         model = prepare_model(cfg, dist.device)
     else:  # a model given (a node's, the bench's): quantised as cfg says if not yet (idempotent)
         quantize_model(model, cfg)
@@ -143,6 +151,9 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     adapter = attach_adapter(model.transformer, cfg, model)
     optimizer = build_optimizer(cfg, adapter.parameters())
     total = _total_steps(cfg, len(data))
+    view = training_view(cfg, model, getattr(data, "instance_prompt", None), owned=owned)
+    model = view.model  # an owned model's text encoders lose their last reference here
+    gc.collect()
     run = Run(
         cfg=cfg,
         model=model,
@@ -156,11 +167,22 @@ def prepare_run(cfg, model=None, data=None) -> Run:
         total_steps=total,
         shift=None if cfg.flow_schedule_auto_shift else (cfg.flow_schedule_shift or model.default_shift),
         dist=dist,
+        view=view,
     )
+    try:
+        _finish_setup(run, resume_path)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _finish_setup(run: Run, resume_path: Path | None) -> None:
+    cfg, dist, data = run.cfg, run.dist, run.data
     if resume_path is not None:
         _resume(run, resume_path)
     if dist.enabled:
-        run.ddp = wrap_for_ddp(model, adapter, dist)
+        run.ddp = wrap_for_ddp(run.model, run.adapter, dist)
         log.info(
             "rank %d of %d on %s: global batch %d = %d per process x %d processes x %d accumulation",
             dist.rank,
@@ -171,7 +193,6 @@ def prepare_run(cfg, model=None, data=None) -> Run:
             dist.world_size,
             cfg.gradient_accumulation_steps,
         )
-    return run
 
 
 def _metadata(run: Run) -> dict[str, str]:
