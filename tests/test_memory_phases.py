@@ -61,7 +61,9 @@ def test_validation_renders_the_same_images_from_embeddings_encoded_with_the_cac
     refs = spy_on_loads(monkeypatch)
     seen = []
     cfg = config(tmp_path, validation_step_interval=2)
-    summary = train(cfg, control=lambda run: seen.append((alive(refs["encoders"]), alive(refs["vae"]))) and False)
+    summary = train(
+        cfg, control=lambda run: seen.append((alive(refs["encoders"]), alive(refs["vae"]))) and False
+    )
     assert seen == [([False, False], [True])] * 2  # encoders freed; the VAE kept (on the CPU) for decodes
     during = [np.asarray(Image.open(p)) for p in summary["validation_images"]]
     # The same adapter file rendered on a freshly loaded full model (every component resident).
