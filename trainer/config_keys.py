@@ -43,7 +43,6 @@ KEYS: dict[str, Key] = {
     "pretrained_vae_model_name_or_path": _k("str", None),
     "pretrained_transformer_model_name_or_path": _k("str", None),
     "pretrained_transformer_subfolder": _k("str", "transformer"),
-    "revision": _k("str", None),
     # TuneGraph's own: the tiny flavour's random weights (fixed, like a checkpoint; not the training seed)
     "tiny_model_seed": _k("int", 0),
     # adapter
@@ -146,6 +145,8 @@ KEYS: dict[str, Key] = {
 
 # Real SimpleTuner keys accepted but not acted on. Value = the value that is a no-op (no warning).
 UNSUPPORTED: dict[str, Any] = {
+    # issue 14: a hub revision means nothing for the local folders TuneGraph loads
+    "revision": None,
     "validation_torch_compile": False,
     "validation_guidance_rescale": 0.0,
     "disable_benchmark": None,

@@ -147,7 +147,13 @@ def _train_run(
     evals = EvalSet.build(run) if main else EvalSet()
     started = time.monotonic()
     with MetricsWriter(
-        run.output_dir, cfg.report_to, cfg.tracker_run_name, resume_step=run.step, enabled=main
+        run.output_dir,
+        cfg.report_to,
+        cfg.tracker_run_name,
+        resume_step=run.step,
+        enabled=main,
+        logging_dir=cfg.logging_dir,
+        project=cfg.tracker_project_name,
     ) as metrics:
         first_eval = None
         if evals and run.step == run.start_step:

@@ -20,6 +20,7 @@ from ..errors import TrainingError
 from ..models.prepare import prepare_model
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import enable_checkpointing
 from .distributed import Dist, setup, wrap_for_ddp
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, clip_gradients
@@ -146,8 +147,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
             data = build_training_data(cfg, model, progress=dist.is_main)
     if dist.enabled:
         data.shard(dist.rank, dist.world_size)
-    if cfg.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
+    enable_checkpointing(model.transformer, cfg)
     adapter = attach_adapter(model.transformer, cfg, model)
     optimizer = build_optimizer(cfg, adapter.parameters())
     total = _total_steps(cfg, len(data))
