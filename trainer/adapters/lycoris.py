@@ -108,6 +108,16 @@ class LycorisAdapter(Adapter):
     def restore(self) -> None:
         self.network.apply_to()
 
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Multiplier 0, as SimpleTuner does: every module adds exactly zero (bypass or not)."""
+        multiplier = self.network.multiplier
+        self.network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(multiplier)
+
 
 def lycoris_file_metadata(config: dict[str, Any]) -> dict[str, Any]:
     args = {k: v for k, v in config.items() if k not in ("apply_preset", "linear_dim", "linear_alpha")}

@@ -22,6 +22,7 @@ from .distributed import stop_armed, stop_requested
 from .evaluate import EvalSet
 from .flow import flow_target, image_seq_len, noisy_latents, sample_sigmas
 from .metrics import MetricsWriter, TrainProgress
+from .regularisation import parent_targets, regularisation_rows
 from .run import Run, prepare_run, save_final, save_run_checkpoint
 
 log = logging.getLogger("tunegraph")
@@ -37,7 +38,8 @@ def _autocast(run: Run):
 
 
 def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
-    """Flow-matching loss for one micro-batch: x_t = (1-s)x0 + s*noise, target noise - x0."""
+    """Flow-matching loss for one micro-batch: x_t = (1-s)x0 + s*noise, target noise - x0 (for
+    regularisation images: the base model's prediction, see regularisation.py)."""
     cfg, gen, dist = run.cfg, run.generator, run.dist
     x0 = batch["latents"].to(run.device, torch.float32)
     n = x0.shape[0] * dist.world_size  # drawn for the global micro-batch; this rank takes its rows
@@ -57,9 +59,13 @@ def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     xt = noisy_latents(x0, noise, sigmas).to(run.model.dtype)
     guidance = torch.full((x0.shape[0],), float(cfg.flux_guidance_value), device=run.device)
     embeds = {k: v.to(run.device, run.model.dtype) for k, v in batch["embeds"].items()}
+    target = flow_target(x0, noise)
+    if (rows := regularisation_rows(batch, run.device)) is not None:  # before the student's aux loss
+        parent = lambda: run.model.predict(xt, sigmas, embeds, guidance)  # noqa: E731
+        target = parent_targets(run.adapter, parent, target, rows, _autocast(run))
     with _autocast(run):
         pred = run.predict(xt, sigmas, embeds, guidance)
-    loss = torch.nn.functional.mse_loss(pred.float(), flow_target(x0, noise))
+    loss = torch.nn.functional.mse_loss(pred.float(), target)
     aux = getattr(run.model, "last_aux_loss", None)  # HiDream's MoE load-balancing loss (with grad)
     if cfg.hidream_use_load_balancing_loss and aux is not None:
         loss = loss + cfg.hidream_load_balancing_loss_weight * aux.float()
