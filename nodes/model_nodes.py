@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
+from ..trainer.choices import PRECISIONS as PRECISION_NAMES
 from ..trainer.config import TrainConfig
-from ..trainer.config_keys import PRECISIONS as PRECISION_NAMES
 from ..trainer.errors import ConfigError
 from ..trainer.models import FAMILIES
 from ..trainer.models.prepare import prepare_model

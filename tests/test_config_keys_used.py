@@ -111,3 +111,24 @@ def test_logging_dir_and_project_place_the_tensorboard_logs(tmp_path, keys, expe
     ) as w:
         w.log(1, loss=1.0)
         assert w.tensorboard_dir == tmp_path / expected
+
+
+def test_config_imports_without_torch() -> None:
+    """The key table takes its value lists from trainer/choices.py, which needs no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, tunegraph.trainer.config; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_value_lists_have_one_source() -> None:
+    from tunegraph.trainer import choices, quantize
+    from tunegraph.trainer.adapters import targets
+    from tunegraph.trainer.models.flux import FluxModel
+    from tunegraph.trainer.training import optim
+
+    assert KEYS["lr_scheduler"].choices == optim.SCHEDULERS == choices.LR_SCHEDULERS
+    assert KEYS["base_model_precision"].choices == quantize.PRECISIONS == choices.PRECISIONS
+    assert FluxModel.lora_target_presets is targets.FLUX_LORA_TARGET_PRESETS is choices.FLUX_LORA_TARGET_PRESETS
+    assert KEYS["flux_lora_target"].choices == tuple(choices.FLUX_LORA_TARGET_PRESETS)

@@ -30,9 +30,9 @@ _COERCE = {
 }
 
 
-def did_you_mean(name: str, options: list[str] | tuple[str, ...]) -> str:
+def did_you_mean(name: str, options: Any, cutoff: float = 0.6) -> str:
     """' (did you mean 'x'?)' or '' — shared by every unknown-name error."""
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -9,17 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# The precision names (trainer/quantize.py implements them); kept here so config.py needs no torch.
-PRECISIONS = (
-    "no_change",
-    "int8-quanto",
-    "int4-quanto",
-    "int2-quanto",
-    "fp8-quanto",
-    "nf4-bnb",
-    "int8-torchao",
-    "fp8-torchao",
-)
+from .choices import FLUX_LORA_TARGET_PRESETS, LR_SCHEDULERS, PRECISIONS  # issue 14: one place each
 
 
 @dataclass(frozen=True)
@@ -51,7 +41,7 @@ KEYS: dict[str, Key] = {
     "lora_rank": _k("int", 16),
     "lora_alpha": _k("float", None),
     "lora_dropout": _k("float", 0.0),
-    "flux_lora_target": _k("str", "all", "mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano"),
+    "flux_lora_target": _k("str", "all", *FLUX_LORA_TARGET_PRESETS),
     "lora_init_type": _k("str", "default", "default", "gaussian", "loftq", "olora", "pissa"),
     "init_lokr_norm": _k("float", None),
     # data
@@ -85,7 +75,7 @@ KEYS: dict[str, Key] = {
     "adam_weight_decay": _k("float", 1e-2),
     "adam_epsilon": _k("float", 1e-8),
     "prodigy_d_coef": _k("float", 1.0),
-    "lr_scheduler": _k("str", "constant", "constant", "constant_with_warmup", "cosine", "polynomial"),
+    "lr_scheduler": _k("str", "constant", *LR_SCHEDULERS),
     "lr_warmup_steps": _k("int", 0),
     "lr_end": _k("float", 4e-7),
     "lr_power": _k("float", 1.0),
