@@ -130,5 +130,7 @@ def test_value_lists_have_one_source() -> None:
 
     assert KEYS["lr_scheduler"].choices == optim.SCHEDULERS == choices.LR_SCHEDULERS
     assert KEYS["base_model_precision"].choices == quantize.PRECISIONS == choices.PRECISIONS
-    assert FluxModel.lora_target_presets is targets.FLUX_LORA_TARGET_PRESETS is choices.FLUX_LORA_TARGET_PRESETS
+    assert (
+        FluxModel.lora_target_presets is targets.FLUX_LORA_TARGET_PRESETS is choices.FLUX_LORA_TARGET_PRESETS
+    )
     assert KEYS["flux_lora_target"].choices == tuple(choices.FLUX_LORA_TARGET_PRESETS)
