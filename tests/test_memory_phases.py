@@ -78,7 +78,13 @@ def test_a_lent_model_keeps_its_encoders_and_gets_them_back(tmp_path) -> None:
     cfg = config(tmp_path, validation_step_interval=None, disable_validation=True)
     model = prepare_model(cfg, "cpu")
     before = model.encode_prompts(["a red circle"])["prompt_embeds"]
-    train(cfg, model=model)
+    during = []  # a prompt not encoded with the cache (the node's "Validate now" caption fallback)
+    train(
+        cfg,
+        model=model,
+        control=lambda run: during.append(run.model.encode_prompts(["a red circle"])) and False,
+    )
+    assert len(during) == 2 and torch.equal(during[0]["prompt_embeds"], before)
     assert len(model.text_encoders) == 2 and model.vae is not None
     assert all(next(m.parameters()).device == torch.device("cpu") for m in [*model.text_encoders, model.vae])
     assert torch.equal(model.encode_prompts(["a red circle"])["prompt_embeds"], before)

@@ -73,12 +73,15 @@ def encode_validation_prompts(cfg: Any, model: Any, instance_prompt: str | None)
 class PromptTable:
     """`encode_prompts` for the training view: embeddings from the table, on the model's device."""
 
-    def __init__(self, table: dict[str, dict], device: torch.device):
-        self.table, self.device = table, device
+    def __init__(self, table: dict[str, dict], device: torch.device, lender: Any = None):
+        self.table, self.device, self.lender = table, device, lender
 
     def __call__(self, prompts: list[str] | str) -> dict[str, torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = [p for p in prompts if p not in self.table]
+        if missing and self.lender is not None:  # a lent model still has its encoders (on the CPU)
+            with resident(list(self.lender.text_encoders), self.device):
+                return self.lender.encode_prompts(prompts)
         if missing:
             raise TrainingError(
                 f"prompt {missing[0]!r} was not encoded before training, and the text encoders are not "
@@ -108,7 +111,7 @@ def training_view(cfg: Any, model: Any, instance_prompt: str | None, *, owned: b
     table = encode_validation_prompts(cfg, model, instance_prompt) if validating else {}
     view = copy.copy(model)
     view.text_encoders = []
-    view.encode_prompts = PromptTable(table, model.device)
+    view.encode_prompts = PromptTable(table, model.device, None if owned else model)
     keep_vae = bool(getattr(cfg, "keep_vae_loaded", False))
     view.vae = model.vae if validating or not owned else None
     if view.vae is not None:
