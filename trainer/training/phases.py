@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..cache.text_embeds import load_embeds
 from ..errors import TrainingError
 from .prompts import validation_prompts
 
@@ -73,11 +74,16 @@ def encode_validation_prompts(cfg: Any, model: Any, instance_prompt: str | None)
 class PromptTable:
     """`encode_prompts` for the training view: embeddings from the table, on the model's device."""
 
-    def __init__(self, table: dict[str, dict], device: torch.device, lender: Any = None):
-        self.table, self.device, self.lender = table, device, lender
+    def __init__(
+        self, table: dict[str, dict], device: torch.device, lender: Any = None, cached: dict | None = None
+    ):
+        self.table, self.device, self.lender, self.cached = table, device, lender, cached or {}
 
     def __call__(self, prompts: list[str] | str) -> dict[str, torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:  # a training caption (Validate now's fallback): its embedding is on disk
+            if p not in self.table and p in self.cached:
+                self.table[p] = load_embeds([self.cached[p]])
         missing = [p for p in prompts if p not in self.table]
         if missing and self.lender is not None:  # a lent model still has its encoders (on the CPU)
             with resident(list(self.lender.text_encoders), self.device):
@@ -104,14 +110,16 @@ class TrainingView:
         self._restore = []
 
 
-def training_view(cfg: Any, model: Any, instance_prompt: str | None, *, owned: bool) -> TrainingView:
+def training_view(
+    cfg: Any, model: Any, instance_prompt: str | None, *, owned: bool, text_paths: dict | None = None
+) -> TrainingView:
     """The view of `model` the training loop uses; `owned` says nobody else holds `model` (its text
-    encoders may be freed)."""
+    encoders may be freed); `text_paths` (caption -> cached embedding file) answers for captions."""
     validating = needs_validation(cfg)
     table = encode_validation_prompts(cfg, model, instance_prompt) if validating else {}
     view = copy.copy(model)
     view.text_encoders = []
-    view.encode_prompts = PromptTable(table, model.device, None if owned else model)
+    view.encode_prompts = PromptTable(table, model.device, None if owned else model, text_paths)
     keep_vae = bool(getattr(cfg, "keep_vae_loaded", False))
     view.vae = model.vae if validating or not owned else None
     if view.vae is not None:

@@ -151,7 +151,14 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     adapter = attach_adapter(model.transformer, cfg, model)
     optimizer = build_optimizer(cfg, adapter.parameters())
     total = _total_steps(cfg, len(data))
-    view = training_view(cfg, model, getattr(data, "instance_prompt", None), owned=owned)
+    cached = getattr(data, "cached", None)  # the text-embed cache answers for training captions
+    view = training_view(
+        cfg,
+        model,
+        getattr(data, "instance_prompt", None),
+        owned=owned,
+        text_paths=getattr(cached, "text_paths", None),
+    )
     model = view.model  # an owned model's text encoders lose their last reference here
     gc.collect()
     run = Run(
