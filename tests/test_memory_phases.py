@@ -44,15 +44,15 @@ def alive(refs: list) -> list[bool]:
     return [r() is not None for r in refs]
 
 
-def test_text_encoders_and_vae_are_freed_while_training_without_validation(tmp_path, monkeypatch) -> None:
+def test_text_encoders_are_freed_while_training_without_validation(tmp_path, monkeypatch) -> None:
     refs = spy_on_loads(monkeypatch)
     seen = []
     cfg = config(tmp_path, validation_step_interval=None, disable_validation=True)
     train(cfg, control=lambda run: seen.append((alive(refs["encoders"]), alive(refs["vae"]), run)) and False)
     assert len(seen) == 2
     for encoders, vae, run in seen:
-        assert encoders == [False, False] and vae == [False]
-        assert run.model.text_encoders == [] and run.model.vae is None
+        assert encoders == [False, False] and run.model.text_encoders == []
+        assert vae == [True]  # kept for a "Validate now" decode, on the CPU (moved off a GPU)
 
 
 def test_validation_renders_the_same_images_from_embeddings_encoded_with_the_cache(

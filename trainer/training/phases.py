@@ -5,8 +5,8 @@ the negative prompt) are encoded once, and the loop gets a *training view* of th
 transformer, prompt embeddings looked up from that table, and the VAE only for validation decodes.
 
 - A model the run loaded itself (the CLI) gives its text encoders up: nothing references them any
-  more, so their memory is freed, on the GPU and in host RAM alike. Without validation the VAE goes
-  too.
+  more, so their memory is freed, on the GPU and in host RAM alike. Prompts outside the table (the
+  web panel's "Validate now" falls back to a training caption) come from the text-embed cache.
 - A model handed in (a node's, which ComfyUI keeps for later nodes) keeps them, moved to the CPU
   for the run and put back afterwards (`TrainingView.close`).
 - The VAE waits on the CPU between validations unless `keep_vae_loaded` (SimpleTuner's key) keeps
@@ -121,16 +121,14 @@ def training_view(
     view.text_encoders = []
     view.encode_prompts = PromptTable(table, model.device, None if owned else model, text_paths)
     keep_vae = bool(getattr(cfg, "keep_vae_loaded", False))
-    view.vae = model.vae if validating or not owned else None
-    if view.vae is not None:
-        view.decode_latents = _decode_with_vae_on_device(view, keep_vae)
+    view.decode_latents = _decode_with_vae_on_device(view, keep_vae)
     restore: list[tuple[torch.nn.Module, torch.device]] = []
     if not owned:  # the owner keeps them: off the training device for the run, back afterwards
         parked = list(model.text_encoders) + ([] if keep_vae else [model.vae])
         restore = [(m, _device_of(m)) for m in parked]
         for m in parked:
             torch.nn.Module.to(m, "cpu")
-    elif view.vae is not None and not keep_vae:
+    elif not keep_vae:
         torch.nn.Module.to(view.vae, "cpu")
     gc.collect()  # an owned model's encoders are unreferenced once the caller drops `model`
     log.info(
