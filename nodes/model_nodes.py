@@ -15,8 +15,9 @@ from ..trainer.models import FAMILIES
 from ..trainer.models.prepare import prepare_model
 from ..trainer.quantize import quantize_model
 from . import paths
+from .comfy_files import FILE_KEYS, comfy_file_inputs, comfy_file_keys
 from .handles import TrainingModel
-from .runtime import autograd_on, torch_device
+from .runtime import autograd_on, free_comfy_models, torch_device
 from .sockets import CATEGORY, ModelSocket
 
 FLAVOURS = sorted({f for fam in FAMILIES.values() for f in fam.flavours})
@@ -40,14 +41,14 @@ def model_keys(family: str, flavour: str, folder: str, precision: str) -> dict:
 
 
 def fingerprint(keys: dict, seed: int) -> str:
-    """The tiny weights follow the seed; a folder's weights change when its files do."""
-    folder = keys.get("pretrained_model_name_or_path")
-    stamp = (
-        max((p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()), default=0)
-        if folder
-        else 0
-    )
-    return f"seed={seed};folder_mtime={stamp}"
+    """The tiny weights follow the seed; a folder's or a file's weights change when its files do."""
+    stamps = []
+    for key in ("pretrained_model_name_or_path", *FILE_KEYS):
+        if keys.get(key):
+            p = Path(keys[key])
+            files = p.rglob("*") if p.is_dir() else [p]
+            stamps.append(max((f.stat().st_mtime_ns for f in files if f.is_file()), default=0))
+    return f"seed={seed};mtimes={stamps}"
 
 
 class LoadTrainingModel(io.ComfyNode):
@@ -57,8 +58,9 @@ class LoadTrainingModel(io.ComfyNode):
             node_id="TuneGraphLoadTrainingModel",
             display_name="Load Training Model",
             category=CATEGORY,
-            description="Load a model family for training and sampling: the built-in 'tiny' flavour, or a "
-            "local diffusers folder (relative to models/diffusers). Weights are never downloaded.",
+            description="Load a model family for training and sampling: the built-in 'tiny' flavour, a "
+            "local diffusers folder (relative to models/diffusers), or the ComfyUI files you sample with "
+            "(diffusion model, VAE, text encoders in the family's order). Weights are never downloaded.",
             inputs=[
                 io.Combo.Input("model_family", options=list(FAMILIES), default="flux"),
                 io.Combo.Input("model_flavour", options=FLAVOURS, default="tiny"),
@@ -72,17 +74,23 @@ class LoadTrainingModel(io.ComfyNode):
                     control_after_generate=True,
                     tooltip="weights of the tiny flavour",
                 ),
+                *comfy_file_inputs(),
             ],
             outputs=[ModelSocket.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model_family, model_flavour, diffusers_folder, precision, seed) -> io.NodeOutput:
+    def execute(
+        cls, model_family, model_flavour, diffusers_folder, precision, seed, **files
+    ) -> io.NodeOutput:
         keys = {
             **model_keys(model_family, model_flavour, diffusers_folder, precision),
+            **comfy_file_keys(files),
             "tiny_model_seed": seed,
         }
         cfg = TrainConfig.from_dict(keys, source="LoadTrainingModel")
+        if set(keys) & {"pretrained_model_name_or_path", *FILE_KEYS}:
+            free_comfy_models()  # ComfyUI's own loaded models give their memory to ours
         with autograd_on():  # weights made under inference_mode could never be trained
             bundle = prepare_model(cfg, torch_device())  # dtype from mixed_precision, as the CLI
         return io.NodeOutput(TrainingModel(bundle, keys, fingerprint(keys, seed)))

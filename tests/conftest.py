@@ -21,3 +21,27 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
     server = ComfyServer(base).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Issue 13: tiny Flux/HiDream/VAE files written by ComfyUI's own save code (tests/comfy_fixtures.py,
+    in a child process), once per session: {family: {format: path}, "dir": folder}."""
+    if not comfy_available():
+        pytest.skip("no ComfyUI: run `make comfyui` or set COMFYUI_DIR")
+    from comfy_fixtures import write_in_child
+
+    return write_in_child(tmp_path_factory.mktemp("comfy-files"))
+
+
+@pytest.fixture(scope="session")
+def comfy_text_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Issue 13: tiny text-encoder files written by ComfyUI's own CLIPSave (tests/text_file_fixtures.py,
+    in a child process), once per session: `<encoder>_<format>.safetensors` in the returned folder."""
+    if not comfy_available():
+        pytest.skip("no ComfyUI: run `make comfyui` or set COMFYUI_DIR")
+    from text_file_fixtures import FORMATS, make_text_files
+
+    out = tmp_path_factory.mktemp("comfy-text-files")
+    make_text_files(out, FORMATS)
+    return out

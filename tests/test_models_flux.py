@@ -303,8 +303,10 @@ def test_incomplete_folder_and_single_file_errors(tmp_path):
         FluxModel.load(ModelSource(pretrained_model_name_or_path=str(tmp_path)))
     ckpt = tmp_path / "flux.safetensors"
     ckpt.write_bytes(b"")
-    with pytest.raises(ConfigError, match="single-file"):
-        FluxModel.load(ModelSource(pretrained_model_name_or_path=str(ckpt)))
+    with pytest.raises(
+        ConfigError, match="pretrained_model_name_or_path.*flux.safetensors.*truncated or corrupt"
+    ):
+        FluxModel.load(ModelSource(pretrained_model_name_or_path=str(ckpt)))  # issue 13: files are read
 
 
 def test_get_family_and_load_model_from_config(model):

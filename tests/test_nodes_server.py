@@ -21,7 +21,19 @@ TINY = WORKFLOWS / "flux" / "tiny_train_lokr.api.json"
 TRAIN_NODE = "5"
 FINAL = "pytorch_lora_weights.safetensors"  # TrainLoKr in the tiny workflow
 NODES = {
-    "TuneGraphLoadTrainingModel": ["model_family", "model_flavour", "diffusers_folder", "precision", "seed"],
+    "TuneGraphLoadTrainingModel": [
+        "model_family",
+        "model_flavour",
+        "diffusers_folder",
+        "precision",
+        "seed",
+        "diffusion_model",
+        "vae",
+        "text_encoder_1",
+        "text_encoder_2",
+        "text_encoder_3",
+        "text_encoder_4",
+    ],
     "TuneGraphQuantizeModel": ["model", "precision"],
     "TuneGraphLoadDatasetBackend": [
         "instance_data_dir",

@@ -1,4 +1,4 @@
-"""`tunegraph` command line: train | cache | validate | export | demo | tiny-models | bench.
+"""`tunegraph` command line: train | check | cache | validate | export | demo | tiny-models | bench.
 
 Every command takes `--json`: a machine-readable summary is then the last line of stdout. Logs and
 progress bars go to stderr.
@@ -34,6 +34,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             return train(_config(args), final_checkpoint=args.final_checkpoint)
     finally:
         teardown()
+
+
+def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
+    from .preflight import describe, preflight
+
+    report = preflight(_config(args))
+    if not args.json:
+        print(describe(report))
+    return report
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train an adapter from a SimpleTuner config.json", config=True)
     sp.add_argument(
         "--final-checkpoint", action="store_true", help="also checkpoint the last step (to continue it later)"
+    )
+    add(
+        "check", cmd_check, "check a config without loading weights; print what would be trained", config=True
     )
     add("cache", cmd_cache, "build the VAE-latent and text-embed caches for a config", config=True)
     sp = add("validate", cmd_validate, "render validation images for a config (and an adapter)", config=True)

@@ -16,6 +16,8 @@ from typing import Any
 
 from . import coerce
 from .config_keys import ALIASES, KEYS, NOT_YET, UNSUPPORTED, Key
+from .config_notes import Unacted, is_noop
+from .data.path_variables import fill_value
 from .errors import ConfigError
 from .jsonfile import load_json
 
@@ -49,12 +51,7 @@ def _coerce(name: str, key: Key, value: Any, source: str) -> Any:
     return result
 
 
-def _is_noop(value: Any, noop: Any) -> bool:
-    if value is None or value == noop or (value is False and noop is None):
-        return True
-    if isinstance(value, str) and value.strip().lower() in {"", "none", "false", "0", "0.0", "null"}:
-        return noop in (None, False, 0, 0.0)
-    return False
+_is_noop = is_noop
 
 
 class TrainConfig:
@@ -74,13 +71,13 @@ class TrainConfig:
             raise ConfigError(f"{source}: expected a JSON object of config keys, got {type(data).__name__}")
         values = {name: key.default for name, key in KEYS.items() if name not in ALIASES}
         ignored: list[str] = []
+        unacted = Unacted(source)
         for raw_name, value in data.items():
             if raw_name.lstrip("-").strip() in NOT_YET and not _is_noop(value, "no_change"):
                 ignored.append(f"{raw_name.lstrip('-')}={value!r}")
             name = raw_name.lstrip("-").strip()
-            if name in UNSUPPORTED:
-                if not _is_noop(value, UNSUPPORTED[name]):
-                    ignored.append(f"{name}={value!r}")
+            value = fill_value(value, {})  # issue 15: {env:NAME}, as SimpleTuner fills config values
+            if name not in KEYS and unacted.take(name, value):
                 continue
             if name not in KEYS:
                 hint = did_you_mean(name, list(KEYS) + list(UNSUPPORTED))
@@ -88,10 +85,11 @@ class TrainConfig:
             values[ALIASES.get(name, name)] = _coerce(name, KEYS[name], value, source)
         warnings = []
         if ignored:
-            warnings.append(
-                f"{source}: SimpleTuner keys not implemented by TuneGraph yet, ignored: {', '.join(ignored)}"
-            )
-            log.warning(warnings[-1])
+            unacted.default[:0] = ignored
+        note = unacted.warning()
+        if note:
+            warnings.append(note)
+            log.warning(note)
         cfg = cls(values, Path(base_dir) if base_dir else None, source, warnings)
         cfg._check()
         return cfg

@@ -1,7 +1,8 @@
 """The SimpleTuner config keys TuneGraph reads, with their types and defaults.
 
-`KEYS` are implemented. `UNSUPPORTED` are real SimpleTuner keys we accept but do not act on yet: a
-config naming one (with a value that would change anything) gets one warning listing them all.
+`KEYS` are implemented. Every other key of SimpleTuner's option list (simpletuner_options.json) is
+accepted: `IGNORED` ones quietly (they cannot change a local run), `UNSUPPORTED` ones with one warning
+naming those set to anything but SimpleTuner's default. Keys SimpleTuner does not have are errors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .choices import FLUX_LORA_TARGET_PRESETS, LR_SCHEDULERS, PRECISIONS  # issue 14: one place each
+from .simpletuner_options import CONFIG_DEFAULTS, CONFIG_NO_EFFECT, CONFIG_SPEED_MEMORY, FLOW_MATCHING_NOOPS
 
 
 @dataclass(frozen=True)
@@ -121,79 +123,43 @@ KEYS: dict[str, Key] = {
     "tracker_project_name": _k("str", None),
     "logging_dir": _k("str", None),
     # precision: quantised base and text encoders (trainer/quantize.py); bf16|fp32 for what stays unquantised
-    "base_model_precision": _k("str", "no_change", *PRECISIONS),
+    # issue 13: fp8-file trains on an fp8 / scaled-fp8 ComfyUI file's own float8 weights
+    "base_model_precision": _k("str", "no_change", *PRECISIONS, "fp8-file"),
     "base_model_default_dtype": _k("str", "bf16", "bf16", "fp32"),
     **{f"text_encoder_{i}_precision": _k("str", "no_change", *PRECISIONS) for i in range(1, 5)},
     "quantize_via": _k("str", None, "cpu", "accelerator"),
+    # issue 13: text-encoder files (family order: Flux CLIP-L, T5; HiDream CLIP-L, CLIP-G, T5, Llama) and
+    # the ComfyUI install their tokenizers come from (default: the running ComfyUI, else $COMFYUI_DIR)
+    **{f"text_encoder_{i}_path": _k("str", None) for i in range(1, 5)},
+    "comfyui_path": _k("str", None),
     # issue 13/14: memory by phase (training/phases.py)
     "offload_during_startup": _k("bool", False),
     "keep_vae_loaded": _k("bool", False),
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01),
+    # issue 15: SimpleTuner's loss options (training/flow.py `flow_loss`)
+    "loss_type": _k("str", "l2", "l2", "huber", "smooth_l1"),
+    "huber_schedule": _k("str", "snr", "snr", "exponential", "constant"),
+    "huber_c": _k("float", 0.1),
+    # issue 15: keep buckets smaller than one batch, filling their batch with their own images (sampler.py)
+    "disable_bucket_pruning": _k("bool", False),
 }
 
-# Real SimpleTuner keys accepted but not acted on. Value = the value that is a no-op (no warning).
+# issue 15: every other real SimpleTuner key is accepted, from SimpleTuner's own option list
+# (trainer/simpletuner_options.json). Value = SimpleTuner's default, the value that is a no-op here.
+# KEYS that are TuneGraph's own, not SimpleTuner's (tests check every other KEYS entry is in the list).
+OWN_KEYS = frozenset(
+    {"tiny_model_seed", "validation_adaptive_cfg_threshold", "prodigy_d_coef", "disable_validation"}
+)
+# Accepted quietly: cannot change a local run (hub upload, webhooks, trackers, launcher, logging).
+IGNORED: frozenset[str] = frozenset(CONFIG_NO_EFFECT - set(KEYS))
 UNSUPPORTED: dict[str, Any] = {
-    # issue 14: a hub revision means nothing for the local folders TuneGraph loads
-    "revision": None,
-    "validation_torch_compile": False,
-    "validation_guidance_rescale": 0.0,
-    "disable_benchmark": None,
-    "tread_config": None,
-    "validation_preview": False,
-    "validation_preview_steps": None,
-    "enable_group_offload": False,
-    "group_offload_type": None,
-    "group_offload_blocks_per_group": None,
-    "group_offload_use_stream": None,
-    "group_offload_to_disk_path": None,
-    "vae_enable_tiling": False,
-    "attention_mechanism": "diffusers",
-    "metadata_update_interval": None,
-    "snr_gamma": None,
-    "use_soft_min_snr": False,
-    "noise_offset": None,
-    "noise_offset_probability": None,
-    "lora_dropout_rate": None,
-    "allow_tf32": None,
-    "dataloader_prefetch": None,
-    "aspect_bucket_alignment": None,
-    "compress_disk_cache": None,
-    "hub_model_id": None,
-    "push_to_hub": False,
-    "push_checkpoints_to_hub": False,
-    "webhook_config": None,
-    "fuse_qkv_projections": False,
-    "flux_attention_masked_training": False,
-    "t5_padding": None,
-    "llama_layers": None,
-    "validation_using_datasets": False,
-    "validation_noise_scheduler": None,
-    "validation_lycoris_strength": None,
-    "validation_disable_unconditional": False,
-    "evaluation_type": None,
-    "pretrained_model_name_or_path_vae": None,
-    "ignore_final_epochs": False,
-    "gradient_precision": None,
-    "model_card_note": None,
-    "num_validation_images": None,
-    "lr_num_cycles": None,
-    "delete_unwanted_images": False,
-    "delete_problematic_images": False,
-    "freeze_encoder": None,
-    "text_encoder_limit": None,
-    "quantize_activations": False,
-    "skip_file_discovery": None,
-    "disable_tf32": None,
-    "max_workers": None,
-    "read_batch_size": None,
-    "image_processing_batch_size": None,
-    "training_scheduler_timestep_spacing": None,
-    "inference_scheduler_timestep_spacing": None,
-    "ema_device": None,
-    "ema_cpu_only": None,
+    name: default for name, default in CONFIG_DEFAULTS.items() if name not in KEYS and name not in IGNORED
 }
+# Accepted and named in the warning's own sentence: memory/speed only, or skipped for flow matching.
+SPEED_MEMORY: frozenset[str] = frozenset(CONFIG_SPEED_MEMORY - set(KEYS))
+FLOW_NOOPS: frozenset[str] = frozenset(FLOW_MATCHING_NOOPS - set(KEYS))
 
 ALIASES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval"}
 

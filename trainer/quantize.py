@@ -49,6 +49,8 @@ PRECISION_ATTR = "_tunegraph_precision"
 def check_precision(value: str | None, key: str = "base_model_precision") -> str:
     """The precision name, checked; None/"" mean no_change."""
     value = (value or "no_change").strip().lower()
+    if value == "fp8-file" and key == "base_model_precision":  # issue 13: set up at load (fp8_base.py)
+        return value
     if value not in PRECISIONS:
         from .config import did_you_mean
 
@@ -255,6 +257,10 @@ def _quantize_transformer(model: Any, cfg: Any, precision: str) -> None:
     current = module_precision(model.transformer)
     if precision == "no_change" or current == precision:
         return
+    if precision == "fp8-file":  # only a load from an fp8 file sets it up (models/fp8_base.py)
+        from .models.fp8_base import not_fp8_file
+
+        raise not_fp8_file(getattr(cfg, "source", "config"), "the loaded transformer")
     if current != "no_change":
         raise ConfigError(
             f"{getattr(cfg, 'source', 'config')}: key 'base_model_precision' is '{precision}' but the model "

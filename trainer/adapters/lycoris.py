@@ -20,10 +20,10 @@ from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights
 from ..errors import ConfigError
 from .base import Adapter
 from .lycoris_config import check_targets, read_lycoris_config, resolve_preset
-from .targets import attention_classes, no_match_error
+from .targets import class_aliases, no_match_error
 
 log = logging.getLogger("tunegraph")
-_QUANT_CLASSES = {"QLinear", "Linear8bitLt", "Linear4bit"}
+_QUANT_CLASSES = {"QLinear", "Linear8bitLt", "Linear4bit", "Fp8Linear"}  # Fp8Linear: issue 13
 
 # LycorisNetwork's class defaults (lycoris 4.1.3 wrapper.py), restored before every network.
 _DEFAULTS = {
@@ -172,7 +172,7 @@ def lycoris_from_config(
     init_lokr_norm: float | None = None,
 ) -> LycorisAdapter:
     """Freeze `transformer`, build the LyCORIS network from a normalised config, attach it."""
-    preset = resolve_preset(config.get("apply_preset") or {}, transformer, attention_classes(family_info))
+    preset = resolve_preset(config.get("apply_preset") or {}, transformer, class_aliases(family_info))
     check_targets(preset, transformer, src)
     transformer.requires_grad_(False)
     reset_lycoris_presets()
@@ -192,7 +192,7 @@ def lycoris_from_config(
                 config.get("multiplier", 1.0),
                 config.get("linear_dim", 4),
                 config.get("linear_alpha", 1.0),
-                warn_on_unmatched=False,  # check_targets already made unmatched targets an error
+                warn_on_unmatched=False,  # check_targets already reported unmatched targets
                 **kwargs,
             )
     finally:

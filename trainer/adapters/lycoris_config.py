@@ -6,6 +6,7 @@ Values are coerced like config.json's (string numbers and booleans); unknown key
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from ..config import did_you_mean
 from ..errors import ConfigError
 from ..jsonfile import load_json
 from .targets import module_classes, name_matches, no_match_error
+
+log = logging.getLogger("tunegraph")
 
 ALGOS = ("lokr", "locon", "lora", "loha")
 _INT_KEYS = ("linear_dim", "factor", "conv_dim")
@@ -93,14 +96,19 @@ def _check_preset(preset: Any, where: str) -> dict[str, Any]:
 QUANT_LINEAR_CLASSES = ("QLinear", "Linear4bit", "Linear8bitLt")
 
 
-def resolve_preset(preset: dict[str, Any], model: torch.nn.Module, attn_classes: list[str]) -> dict[str, Any]:
-    """Replace "Attention" by the family's attention classes (kept too if a class is really named so)
-    and "Linear" by Linear plus the quantised Linear classes present.
+def resolve_preset(
+    preset: dict[str, Any], model: torch.nn.Module, aliases: dict[str, list[str]] | list[str]
+) -> dict[str, Any]:
+    """Replace SimpleTuner's class names by the family's diffusers classes (`aliases`, e.g.
+    "Attention" -> HiDreamAttention; a list means the attention classes; a class really named so is
+    kept too) and "Linear" by Linear plus the quantised Linear classes present.
 
     A preset without `target_module` targets no class by itself: lycoris' class default (every
     Linear) would otherwise make a name_algo_map-only preset wrap the whole model, not the names.
     No preset on a quantised model means lycoris' default classes, quantised Linear ones included.
     """
+    if not isinstance(aliases, dict):
+        aliases = {"Attention": list(aliases)}
     present = set(module_classes(model))
     quant = [c for c in QUANT_LINEAR_CLASSES if c in present]
     linears = (["Linear"] if "Linear" in present or not quant else []) + quant
@@ -110,28 +118,43 @@ def resolve_preset(preset: dict[str, Any], model: torch.nn.Module, attn_classes:
     def expand(name: str) -> list[str]:
         if name == "Linear":
             return linears
-        if name != "Attention":
+        if name not in aliases:
             return [name]
-        return list(attn_classes) + (["Attention"] if "Attention" in present else [])
+        return list(aliases[name]) + ([name] if name in present and name not in aliases[name] else [])
 
     out = {"target_module": [], **preset}
     if "target_module" in preset:
-        out["target_module"] = [c for name in preset["target_module"] for c in expand(name)]
+        out["target_module"] = list(
+            dict.fromkeys(c for name in preset["target_module"] for c in expand(name))
+        )
     if "module_algo_map" in preset:
         out["module_algo_map"] = {c: v for name, v in preset["module_algo_map"].items() for c in expand(name)}
     return out
 
 
-def check_targets(preset: dict[str, Any], model: torch.nn.Module, src: str) -> None:
-    """Every class and name the user listed must match at least one module."""
+def check_targets(preset: dict[str, Any], model: torch.nn.Module, src: str) -> list[str]:
+    """Every listed class and name should match a module: when none does it is an error; when some
+    do, a warning names the ones that match nothing and what is trained. Returns the warnings."""
     present = set(module_classes(model))
-    classes = list(preset.get("target_module", [])) + list(preset.get("module_algo_map", {}))
-    missing = sorted({c for c in classes if c not in present})
-    if missing:
-        raise no_match_error("LyCORIS target classes", missing, model, src)
+    classes = list(
+        dict.fromkeys(list(preset.get("target_module", [])) + list(preset.get("module_algo_map", {})))
+    )
     use_fn = bool(preset.get("use_fnmatch", False))
     names = list(preset.get("target_name", [])) + list(preset.get("name_algo_map", {}))
     all_names = [n for n, _ in model.named_modules() if n]
+    missing = [c for c in classes if c not in present]
     unmatched = [p for p in names if not any(name_matches(p, n, use_fn) for n in all_names)]
-    if unmatched:
-        raise no_match_error("LyCORIS target names", unmatched, model, src)
+    if not classes and not names:
+        return []
+    if len(missing) + len(unmatched) == len(classes) + len(names):
+        what = "LyCORIS target classes" if not names else "LyCORIS targets"
+        raise no_match_error(what, missing + unmatched, model, src)
+    if not missing and not unmatched:
+        return []
+    trained = [c for c in classes if c in present] + [p for p in names if p not in unmatched]
+    note = (
+        f"{src}: LyCORIS targets {', '.join(repr(t) for t in missing + unmatched)} match no module of this "
+        f"model; training only {', '.join(repr(t) for t in trained)}"
+    )
+    log.warning(note)
+    return [note]

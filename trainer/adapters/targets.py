@@ -33,6 +33,18 @@ def attention_classes(family_info: Any) -> list[str]:
     return list(named or family_value(family_info, "lycoris_attention_classes", FLUX_ATTENTION_CLASSES))
 
 
+# issue 15: SimpleTuner's LyCORIS presets name the classes of its own model code. Its Flux code uses
+# diffusers' Attention and FeedForward; its HiDream code defines Attention, FeedForward (the SwiGLU
+# of every expert, shared and routed, and of the text stream) and MOEFeedForward. A family maps each
+# such name to the diffusers classes in that role (`lycoris_class_aliases`); "Attention" always
+# means the family's attention classes.
+def class_aliases(family_info: Any) -> dict[str, list[str]]:
+    """SimpleTuner class name -> the diffusers class names that play its role in this family."""
+    aliases = {k: list(v) for k, v in family_value(family_info, "lycoris_class_aliases", {}).items()}
+    aliases["Attention"] = attention_classes(family_info)
+    return aliases
+
+
 def lora_target_presets(family_info: Any) -> dict[str, list[str]]:
     return dict(family_value(family_info, "lora_target_presets", FLUX_LORA_TARGET_PRESETS))
 

@@ -54,7 +54,8 @@ def _buckets(items: list[LatentItem]) -> dict[str, int]:
 def _check_size(spec: DatasetSpec, items: list[LatentItem], cfg: Any) -> None:
     if spec.probability > 0:  # a dataset never drawn does not need to fill a batch
         batch, accum = _setting(cfg, "train_batch_size", 1), _setting(cfg, "gradient_accumulation_steps", 1)
-        check_dataset_size(spec.id, _buckets(items), spec.repeats, batch, accum, spec.source)
+        keep = bool(getattr(cfg, "disable_bucket_pruning", False))
+        check_dataset_size(spec.id, _buckets(items), spec.repeats, batch, accum, spec.source, keep)
 
 
 def _plan_all(backends: Backends, cfg: Any, vae_id: str) -> list[tuple[Discovery, list[LatentItem]]]:

@@ -2,7 +2,8 @@
 
 Relative `instance_data_dir` is tried against the working directory, then the multidatabackend file's
 folder (as the config resolves paths). Cache folders are relative to the working directory, as in
-SimpleTuner. When a dataset names no `cache_dir_vae` its latents go to `<cfg.cache_dir_vae>/<id>`, else
+SimpleTuner. Values may use `{model_family}`, `{output_dir}`, `{id}`, `{env:NAME}` (path_variables.py).
+When a dataset names no `cache_dir_vae` its latents go to `<cfg.cache_dir_vae>/<id>`, else
 `<cfg.cache_dir or "cache">/vae/<model_family>/<id>`; the text-embed cache defaults likewise to
 `<cfg.cache_dir_text>` or `<cfg.cache_dir or "cache">/text/<model_family>`. Both caches are
 content-addressed, so sharing a folder between datasets or runs is safe.
@@ -19,6 +20,8 @@ from .. import coerce
 from ..config import did_you_mean
 from ..errors import ConfigError
 from ..jsonfile import load_json
+from ..simpletuner_options import DATASET_KEYS, DATASET_NO_EFFECT
+from .path_variables import fill_entry
 
 log = logging.getLogger("tunegraph")
 
@@ -37,18 +40,9 @@ IMAGE_KEYS = _COMMON | {
     "cache_dir_vae", "probability", "skip_file_discovery", "metadata_backend",
 }  # fmt: skip
 TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size", "text_encoder_batch_size"}
-# Real SimpleTuner dataset keys we accept but do not act on: named in one warning.
-NOT_SUPPORTED = {
-    "minimum_aspect_ratio", "maximum_aspect_ratio", "max_num_samples", "caption_filter_list",
-    "caption_shuffle", "conditioning", "conditioning_data", "conditioning_type", "delete_nsfw_images",
-    "delete_problematic_images", "delete_unwanted_images", "start_epoch", "end_epoch", "hash_filenames",
-    "image_embeds", "max_upscale_threshold", "metadata_update_interval", "preserve_data_backend_cache",
-    "slider_strength", "source_dataset_id", "text_cache_disable", "text_cache_ondemand", "text_embeds",
-    "timestep_sampling_offset", "train_batch_size", "vae_cache_clear_each_epoch", "vae_cache_disable",
-    "vae_cache_ondemand", "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id",
-    "aws_secret_access_key", "aws_data_prefix", "cache_file_suffix", "video", "audio", "parquet",
-    "huggingface", "instance_data_root", "conditioning_image_embeds", "cache_dir_conditioning_image_embeds",
-}  # fmt: skip
+# issue 15: every other real SimpleTuner dataset key (trainer/simpletuner_options.json) is accepted;
+# set to something that matters it is named in one warning, unless it cannot change what is trained.
+NOT_SUPPORTED = set(DATASET_KEYS - IMAGE_KEYS - TEXT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -141,7 +135,9 @@ def _check_keys(entry: _Entry, allowed: set[str], ignored: list[str]) -> None:
         if key in allowed:
             continue
         if key in NOT_SUPPORTED:
-            ignored.append(f"{entry.label}: {key}")
+            value = entry.raw[key]
+            if key not in DATASET_NO_EFFECT and value not in (None, False, "", [], {}):
+                ignored.append(f"{entry.label}: {key}={value!r}")
             continue
         hint = did_you_mean(key, sorted(allowed | NOT_SUPPORTED))
         raise ConfigError(f"{entry.source}: dataset {entry.label}: unknown key '{key}'{hint}")
@@ -287,7 +283,7 @@ def parse_backends(entries: list[dict], cfg: Any, source: str, base_dir: Path | 
             )
         if not str(raw.get("id", "")).strip():
             raise ConfigError(f"{source}: dataset #{index + 1} has no 'id'; give each dataset a unique id")
-        raw = {**raw, "id": str(raw["id"])}
+        raw = fill_entry({**raw, "id": str(raw["id"])}, _family(cfg), _cfg(cfg, "output_dir"))
         entry = _Entry(raw, source, repr(raw["id"]))
         if raw["id"] in seen:
             raise ConfigError(f"{source}: dataset id {raw['id']!r} is used twice; ids must be unique")

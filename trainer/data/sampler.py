@@ -41,12 +41,20 @@ def _rng(*parts: Any) -> random.Random:
 
 class TrainingData:
     def __init__(
-        self, cached: CachedData, batch_size: int, seed: int = 0, caption_dropout_probability: float = 0.0
+        self,
+        cached: CachedData,
+        batch_size: int,
+        seed: int = 0,
+        caption_dropout_probability: float = 0.0,
+        keep_small_buckets: bool = False,
     ):
         if batch_size < 1:
             raise DatasetError("train_batch_size must be at least 1")
         self.cached, self.batch_size, self.seed = cached, batch_size, seed
         self.caption_dropout_probability = caption_dropout_probability
+        # SimpleTuner's disable_bucket_pruning: a bucket smaller than one batch is kept, its batch
+        # filled up with its own images again, as SimpleTuner's sampler fills from seen images.
+        self.keep_small_buckets = keep_small_buckets
         self.epoch, self.position = 0, 0
         self.rank, self.world_size = 0, 1  # see shard()
         # For validation prompts' <token>: the first training (not regularisation) dataset's prompt.
@@ -61,7 +69,11 @@ class TrainingData:
     @classmethod
     def from_config(cls, cfg: Any, cached: CachedData) -> TrainingData:
         return cls(
-            cached, int(cfg.train_batch_size), int(cfg.seed or 0), float(cfg.caption_dropout_probability or 0)
+            cached,
+            int(cfg.train_batch_size),
+            int(cfg.seed or 0),
+            float(cfg.caption_dropout_probability or 0),
+            keep_small_buckets=bool(getattr(cfg, "disable_bucket_pruning", False)),
         )
 
     def shard(self, rank: int, world_size: int) -> None:
@@ -90,6 +102,8 @@ class TrainingData:
             refs = buckets[bucket]
             rng.shuffle(refs)
             size = self.global_batch_size
+            if self.keep_small_buckets and len(refs) < size:
+                refs = refs + [rng.choice(refs) for _ in range(size - len(refs))]
             full = len(refs) // size * size
             batches += [refs[j : j + size] for j in range(0, full, size)]
         rng.shuffle(batches)

@@ -9,9 +9,17 @@ from __future__ import annotations
 from ..errors import DatasetError
 
 
-def usable_samples(bucket_counts: dict[str, int], repeats: int, batch_size: int) -> int:
-    """Samples per epoch that land in full batches."""
-    return sum(n * (repeats + 1) // batch_size * batch_size for n in bucket_counts.values())
+def usable_samples(
+    bucket_counts: dict[str, int], repeats: int, batch_size: int, keep_small: bool = False
+) -> int:
+    """Samples per epoch that land in full batches (`keep_small`: disable_bucket_pruning fills a
+    bucket smaller than one batch up to one batch)."""
+    return sum(
+        batch_size
+        if keep_small and n * (repeats + 1) < batch_size
+        else n * (repeats + 1) // batch_size * batch_size
+        for n in bucket_counts.values()
+    )
 
 
 def repeats_needed(bucket_counts: dict[str, int], batch_size: int, need: int) -> int:
@@ -29,10 +37,11 @@ def check_dataset_size(
     batch_size: int,
     grad_accum: int,
     source: str,
+    keep_small: bool = False,
 ) -> None:
     """Raise DatasetError when the dataset cannot fill train_batch_size x gradient_accumulation_steps."""
     need = batch_size * grad_accum
-    usable = usable_samples(bucket_counts, repeats, batch_size)
+    usable = usable_samples(bucket_counts, repeats, batch_size, keep_small)
     if usable >= need:
         return
     images = sum(bucket_counts.values())

@@ -27,6 +27,12 @@ class ModelBundle:
     default_shift: ClassVar[float] = 3.0
     latent_channels: ClassVar[int] = 16
     lycoris_attention_classes: ClassVar[list[str]] = []
+    # issue 15: SimpleTuner's LyCORIS class names -> this family's diffusers classes (adapters/targets.py)
+    lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {}
+    # issue 15: the diffusers transformer class, and the tiny flavour's builder (meta.py builds either
+    # on the meta device to check adapter targets and image sizes before any weight is loaded)
+    transformer_class: ClassVar[Any] = None
+    tiny_transformer: ClassVar[Any] = None
     # True where the family has no distilled guidance embedding, so validation_guidance means real CFG.
     guidance_is_cfg: ClassVar[bool] = False
 
@@ -65,6 +71,11 @@ class ModelBundle:
         self.text_encoder_id = component_id(
             f"{self.family}-text", self.text_encoders, self.tokenizers, extra=self._text_id_extra()
         )
+
+    @classmethod
+    def image_size_problem(cls, transformer: torch.nn.Module, width: int, height: int) -> str | None:
+        """Why the transformer cannot take a `width` x `height` px training image, or None."""
+        return None
 
     def _text_id_extra(self) -> Any:
         """Anything besides weights and vocabularies that changes prompt embeddings."""

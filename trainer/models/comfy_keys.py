@@ -156,3 +156,65 @@ def unet_config(family: str, transformer: torch.nn.Module) -> dict[str, Any]:
     if family == "hidream":
         return hidream_unet_config(transformer)
     raise ConfigError(f"family '{family}' has no ComfyUI model bridge (flux, hidream)")
+
+
+# -- ComfyUI (BFL) -> diffusers, the inverse of `flux_to_comfy`, from the same tables ---------------
+
+# One diffusers tensor: read ComfyUI tensor `src`, take rows [start:stop) (None: all), and for the
+# final norm swap its two halves back (BFL shift, scale -> diffusers scale, shift).
+FluxSource = tuple[str, int | None, int | None, bool]
+
+
+def _blocks(names: list[str], prefix: str) -> list[int]:
+    return sorted({int(n[len(prefix) :].split(".", 1)[0]) for n in names if n.startswith(prefix)})
+
+
+def flux_from_comfy_plan(names: list[str], hidden: int) -> dict[str, FluxSource]:
+    """Where each diffusers FluxTransformer2DModel tensor comes from in a ComfyUI (BFL) Flux file with
+    hidden size `hidden`. A ComfyUI name nothing maps to is an error (another family, or a LoRA)."""
+    have, plan = set(names), {}
+
+    def take(
+        src: str, dst: str, start: int | None = None, stop: int | None = None, swap: bool = False
+    ) -> None:
+        if src in have:
+            plan[dst] = (src, start, stop, swap)
+
+    for i in _blocks(names, "double_blocks."):
+        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for part in ("weight", "bias"):
+            for a, b in _DOUBLE.items():
+                take(f"{src}{b}.{part}", f"{dst}{a}.{part}")
+            for b, parts in _DOUBLE_FUSED.items():
+                for j, p in enumerate(parts):
+                    take(f"{src}{b}.{part}", f"{dst}{p}.{part}", j * hidden, (j + 1) * hidden)
+        for a, b in _DOUBLE_NORMS.items():
+            take(src + b, dst + a)
+    for i in _blocks(names, "single_blocks."):
+        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for part in ("weight", "bias"):
+            for a, b in _SINGLE.items():
+                take(f"{src}{b}.{part}", f"{dst}{a}.{part}")
+            q, k, v, mlp = _SINGLE_FUSED["linear1"]
+            for j, p in enumerate((q, k, v)):
+                take(f"{src}linear1.{part}", f"{dst}{p}.{part}", j * hidden, (j + 1) * hidden)
+            take(f"{src}linear1.{part}", f"{dst}{mlp}.{part}", 3 * hidden, None)
+        for a, b in _SINGLE_NORMS.items():
+            take(src + b, dst + a)
+    for part in ("weight", "bias"):
+        for a, b in _TOP.items():
+            take(f"{b}.{part}", f"{a}.{part}")
+        take(f"final_layer.adaLN_modulation.1.{part}", f"norm_out.linear.{part}", swap=True)
+    unused = sorted(have - {src for src, *_ in plan.values()})
+    if unused:
+        raise ConfigError(f"{len(unused)} tensor(s) are not Flux (BFL) weights, e.g. {', '.join(unused[:4])}")
+    return plan
+
+
+def flux_source_tensor(read: Any, src: str, start: int | None, stop: int | None, swap: bool) -> torch.Tensor:
+    """One diffusers tensor from ComfyUI tensor `src`: `read(src, rows)` reads it whole (rows None)
+    or only rows [start, stop), so a fused q/k/v weight is never held whole beside its parts."""
+    if swap:
+        shift, scale = read(src, None).chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+    return read(src, None if start is None else (start, stop))

@@ -19,7 +19,9 @@ from ..choices import FLUX_LORA_TARGET_PRESETS
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
 from .loading import ModelSource, apply_overrides, folder_flavour, load_folder_parts, save_pipeline_folder
-from .tiny import tiny_flux_parts
+from .single_file import checkpoint_parts, source_flavour
+from .text_encoder_source import files_only_parts, plan_text_encoder_files
+from .tiny import tiny_flux_parts, tiny_flux_transformer
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,10 @@ class FluxModel(ModelBundle):
     default_shift: ClassVar[float] = 3.0
     default_guidance: ClassVar[float] = 1.0  # SimpleTuner's flux_guidance_value default
     lycoris_attention_classes: ClassVar[list[str]] = ["FluxAttention"]
+    # issue 15: SimpleTuner's Flux code uses diffusers' FeedForward itself (ff, ff_context).
+    lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {"FeedForward": ["FeedForward"]}
+    transformer_class: ClassVar[Any] = FluxTransformer2DModel
+    tiny_transformer: ClassVar[Any] = staticmethod(lambda: tiny_flux_transformer(True))
     # flux_lora_target -> PEFT module-name suffixes (SimpleTuner's meanings), from choices.py.
     lora_target_presets: ClassVar[dict[str, list[str]]] = FLUX_LORA_TARGET_PRESETS
     hub_ids: ClassVar[dict[str, str]] = {
@@ -93,18 +99,28 @@ class FluxModel(ModelBundle):
         """Tiny models built in code (flavour "tiny" and no folder), else a local diffusers folder;
         `pretrained_transformer/vae_model_name_or_path` replace those components."""
         root = source.folder("pretrained_model_name_or_path", cls.hub_ids.get(source.flavour or "krea"))
-        flavour = cls.check_flavour(source.flavour or folder_flavour(root), source.origin)
+        flavour = cls.check_flavour(
+            source.flavour or folder_flavour(root) or source_flavour(cls.family, source), source.origin
+        )
+        checkpoint = source.weights_file("pretrained_model_name_or_path")  # an all-in-one file
+        # text_encoder_N_path, checked before any weight loads (a checkpoint's own come with its parts)
+        text_files = plan_text_encoder_files(cls.family, source) if checkpoint is None else None
         if root is not None:
             parts = cls._load_folder(root, dtype, source.origin)
+        elif checkpoint is not None:
+            parts = checkpoint_parts(cls.family, checkpoint, dtype, source)
         elif flavour == "tiny":
             parts = tiny_flux_parts(source.seed)
+        elif (files := files_only_parts(cls.family, source, flavour)) is not None:
+            parts = files
         else:
             raise ConfigError(
                 f"{source.origin}: key 'pretrained_model_name_or_path' is not set. TuneGraph never downloads "
                 f"weights: download {cls.hub_ids.get(flavour, 'the model')} yourself and set the key to the "
                 "local diffusers folder, or use model_flavour 'tiny' for the built-in test model."
             )
-        apply_overrides(parts, source, dtype, FluxTransformer2DModel)
+        apply_overrides(parts, source, dtype, FluxTransformer2DModel, cls.family, device)
+        parts.update(text_files.load(dtype) if text_files else {})
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
             parts[name] = place_module(parts[name], device, dtype)
         return cls(

@@ -46,7 +46,9 @@ from transformers import (
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
 from .loading import ModelSource, apply_overrides, folder_flavour, load_folder_parts, save_pipeline_folder
-from .tiny_hidream import hidream_scheduler, tiny_hidream_parts
+from .single_file import checkpoint_parts, source_flavour
+from .text_encoder_source import files_only_parts, plan_text_encoder_files
+from .tiny_hidream import hidream_scheduler, tiny_hidream_parts, tiny_hidream_transformer
 
 FLAVOUR_SHIFTS = {"full": 3.0, "dev": 6.0, "fast": 3.0, "tiny": 3.0}
 _ATTN_IMAGE = ["to_q", "to_k", "to_v", "to_out"]
@@ -83,6 +85,19 @@ class HiDreamModel(ModelBundle):
     flavours: ClassVar[tuple[str, ...]] = ("full", "dev", "fast", "tiny")
     default_flavour: ClassVar[str] = "full"
     lycoris_attention_classes: ClassVar[list[str]] = ["HiDreamAttention"]
+    # issue 15: SimpleTuner's HiDream class names (its models/hidream/transformer.py) -> diffusers'.
+    lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {
+        "FeedForward": ["HiDreamImageFeedForwardSwiGLU"],  # every expert (shared, routed) and ff_t
+        "MOEFeedForward": ["MOEFeedForwardSwiGLU"],
+        "EmbedND": ["HiDreamImageEmbedND"],
+        "PatchEmbed": ["HiDreamImagePatchEmbed"],
+        "PooledEmbed": ["HiDreamImagePooledEmbed"],
+        "TimestepEmbed": ["HiDreamImageTimestepEmbed"],
+        "OutEmbed": ["HiDreamImageOutEmbed"],
+        "HiDreamImageBlock": ["HiDreamBlock"],
+    }
+    transformer_class: ClassVar[Any] = HiDreamImageTransformer2DModel
+    tiny_transformer: ClassVar[Any] = staticmethod(tiny_hidream_transformer)
     guidance_is_cfg: ClassVar[bool] = True
     # PEFT suffixes; HiDream has `to_out`, not Flux's `to_out.0` (SimpleTuner's default misses it).
     lora_target_presets: ClassVar[dict[str, list[str]]] = {
@@ -126,11 +141,20 @@ class HiDreamModel(ModelBundle):
         """Tiny models built in code (flavour "tiny" and no folder), else a local diffusers folder
         with text_encoder_4/ and tokenizer_4/ inside; transformer and VAE overrides as for Flux."""
         root = source.folder("pretrained_model_name_or_path", cls.hub_ids.get(source.flavour or "full"))
-        flavour = cls.check_flavour(source.flavour or folder_flavour(root), source.origin)
+        flavour = cls.check_flavour(
+            source.flavour or folder_flavour(root) or source_flavour(cls.family, source), source.origin
+        )
+        checkpoint = source.weights_file("pretrained_model_name_or_path")  # an all-in-one file
+        # text_encoder_N_path, checked before any weight loads (a checkpoint's own come with its parts)
+        text_files = plan_text_encoder_files(cls.family, source) if checkpoint is None else None
         if root is not None:
             parts = _load_folder(root, dtype, source.origin)
+        elif checkpoint is not None:
+            parts = checkpoint_parts(cls.family, checkpoint, dtype, source)
         elif flavour == "tiny":
             parts = tiny_hidream_parts(source.seed)
+        elif (files := files_only_parts(cls.family, source, flavour)) is not None:
+            parts = files
         else:
             raise ConfigError(
                 f"{source.origin}: key 'pretrained_model_name_or_path' is not set. TuneGraph never downloads "
@@ -138,7 +162,8 @@ class HiDreamModel(ModelBundle):
                 "text_encoder_4) yourself and set the key to the local diffusers folder, or use "
                 "model_flavour 'tiny' for the built-in test model."
             )
-        apply_overrides(parts, source, dtype, HiDreamImageTransformer2DModel)
+        apply_overrides(parts, source, dtype, HiDreamImageTransformer2DModel, cls.family, device)
+        parts.update(text_files.load(dtype) if text_files else {})
         encoders = ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"]
         for name in ["transformer", "vae", *encoders]:
             parts[name] = place_module(parts[name], device, dtype)
@@ -229,6 +254,19 @@ class HiDreamModel(ModelBundle):
         self.last_aux_loss = torch.stack(losses).mean() if losses else None
         pred = -self._to_image(out, h, w)
         return (pred, self.last_aux_loss) if return_aux else pred
+
+    @classmethod
+    def image_size_problem(cls, transformer: torch.nn.Module, width: int, height: int) -> str | None:
+        """HiDream pads non-square inputs to `max_seq` patches, so larger ones cannot train."""
+        p, max_seq = transformer.config.patch_size, transformer.max_seq
+        patches = (height // 8 // p) * (width // 8 // p)
+        if height == width or patches <= max_seq:
+            return None
+        px = int(math.sqrt(max_seq)) * p * 8
+        return (
+            f"{width}x{height} px is {patches} patches; HiDream takes non-square images of at most "
+            f"{max_seq} patches ({px}x{px} px in area). Lower 'resolution' or crop"
+        )
 
     def _check_latents(self, shape: torch.Size) -> None:
         b, c, h, w = shape

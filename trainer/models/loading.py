@@ -1,7 +1,8 @@
 """Where model components come from: `ModelSource`, local folder resolution and component loading.
 
-Weights are never downloaded: every path must be a local diffusers folder. A hub id or a missing
-folder is a ConfigError naming the key and saying what to do.
+Weights are never downloaded: every path must be a local diffusers folder or a ComfyUI-format
+.safetensors file (single_file.py). A hub id or a missing path is a ConfigError naming the key and
+saying what to do.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from ..errors import ConfigError
+from .weights_file import WeightsFile
 
 _PATH_KEYS = (
     "pretrained_model_name_or_path",
@@ -36,8 +38,12 @@ class ModelSource:
     pretrained_transformer_model_name_or_path: str | None = None
     pretrained_transformer_subfolder: str | None = "transformer"
     seed: int = 0
+    base_model_precision: str | None = None  # issue 13: "fp8-file" keeps an fp8 file's weights fp8
     base_dir: Path | None = None
     origin: str = "model source"
+    # issue 13: text_encoder_1_path .. text_encoder_4_path (family order) and comfyui_path
+    text_encoder_paths: tuple[str | None, ...] = ()
+    comfyui_path: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelSource:
@@ -48,13 +54,16 @@ class ModelSource:
             flavour=getattr(cfg, "model_flavour", None),
             pretrained_transformer_subfolder=subfolder,
             seed=int(getattr(cfg, "tiny_model_seed", None) or 0),
+            base_model_precision=getattr(cfg, "base_model_precision", None),
             base_dir=getattr(cfg, "config_dir", None),
             origin=getattr(cfg, "source", "config"),
+            text_encoder_paths=tuple(getattr(cfg, f"text_encoder_{i}_path", None) for i in range(1, 5)),
+            comfyui_path=getattr(cfg, "comfyui_path", None),
             **values,
         )
 
-    def folder(self, key: str, hub_hint: str | None = None) -> Path | None:
-        """The local folder for path key `key`, or None when the key is not set."""
+    def resolve(self, key: str, hub_hint: str | None = None) -> Path | None:
+        """The local folder or file for path key `key`, or None when the key is not set."""
         value = getattr(self, key)
         if not value:
             return None
@@ -63,23 +72,26 @@ class ModelSource:
             [p] if p.is_absolute() else [Path.cwd() / p] + ([self.base_dir / p] if self.base_dir else [])
         )
         for c in candidates:
-            if c.is_dir():
+            if c.is_dir() or c.is_file():
                 return c
-            if c.is_file():
-                raise ConfigError(
-                    f"{self.origin}: key '{key}' is a file ({c}); single-file checkpoints are not supported "
-                    "yet. Point it at a diffusers folder (with model_index.json or config.json)."
-                )
         tried = " and ".join(str(c) for c in candidates)
         looks_like_hub = not p.is_absolute() and value.count("/") == 1 and not value.startswith(".")
-        what = (
-            f"'{value}' looks like a Hugging Face hub id" if looks_like_hub else f"folder '{value}' not found"
-        )
+        what = f"'{value}' looks like a Hugging Face hub id" if looks_like_hub else f"'{value}' not found"
         raise ConfigError(
             f"{self.origin}: key '{key}': {what} (tried {tried}). TuneGraph never downloads weights: "
             f"download the model yourself{f' (e.g. {hub_hint})' if hub_hint else ''} and set '{key}' to "
-            "the local diffusers folder."
+            "the local diffusers folder or ComfyUI .safetensors file."
         )
+
+    def folder(self, key: str, hub_hint: str | None = None) -> Path | None:
+        """The local folder for path key `key`; None when unset or a single file (see `weights_file`)."""
+        p = self.resolve(key, hub_hint)
+        return p if p is not None and p.is_dir() else None
+
+    def weights_file(self, key: str) -> WeightsFile | None:
+        """The ComfyUI-format file path key `key` names, opened (header only); None for a folder."""
+        p = self.resolve(key)
+        return WeightsFile.open(p, self.origin, key) if p is not None and p.is_file() else None
 
 
 def component_folder(root: Path, subfolder: str | None, key: str, origin: str) -> Path:
@@ -129,19 +141,42 @@ def load_folder_parts(
 
 
 def apply_overrides(
-    parts: dict[str, Any], source: ModelSource, dtype: torch.dtype, transformer_cls: Any
+    parts: dict[str, Any],
+    source: ModelSource,
+    dtype: torch.dtype,
+    transformer_cls: Any,
+    family: str = "flux",
+    device: torch.device | str = "cpu",
 ) -> None:
-    """pretrained_transformer_* / pretrained_vae_* replace those components of `parts`."""
+    """pretrained_transformer_* / pretrained_vae_* replace those components of `parts`; each may be
+    a diffusers folder or a ComfyUI-format .safetensors file (issue 13)."""
     from diffusers import AutoencoderKL
 
+    from ..quantize import PRECISION_ATTR
+    from .fp8_base import FP8_FILE, check_fp8_device, not_fp8_file
+    from .single_file import transformer_from_file, vae_from_file
+
     key = "pretrained_transformer_model_name_or_path"
-    if (root := source.folder(key)) is not None:
+    if (wf := source.weights_file(key)) is not None:
+        fp8_base = source.base_model_precision == FP8_FILE
+        if fp8_base:
+            check_fp8_device(device, f"{source.origin}: key '{key}': {wf.path.name}")
+        parts["transformer"] = transformer_from_file(family, wf, dtype, fp8_base)
+    elif (root := source.folder(key)) is not None:
         folder = component_folder(root, source.pretrained_transformer_subfolder, key, source.origin)
         parts["transformer"] = load_component(transformer_cls, folder, dtype, key, source.origin)
     key = "pretrained_vae_model_name_or_path"
-    if (root := source.folder(key)) is not None:
+    if (wf := source.weights_file(key)) is not None:
+        parts["vae"] = vae_from_file(wf, dtype)
+    elif (root := source.folder(key)) is not None:
         folder = component_folder(root, "vae", key, source.origin)
         parts["vae"] = load_component(AutoencoderKL, folder, dtype, key, source.origin)
+    if (
+        source.base_model_precision == FP8_FILE
+        and getattr(parts["transformer"], PRECISION_ATTR, None) != FP8_FILE
+    ):
+        key = "pretrained_transformer_model_name_or_path"
+        raise not_fp8_file(f"{source.origin}: key '{key}'", "the transformer given (not a ComfyUI fp8 file)")
 
 
 @contextmanager

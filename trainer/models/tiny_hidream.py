@@ -81,9 +81,10 @@ def tiny_llama(vocab_size: int, bos_id: int, eos_id: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def tiny_hidream_transformer(max_resolution: tuple[int, int] = (64, 64)) -> HiDreamImageTransformer2DModel:
+def tiny_hidream_transformer(max_resolution: tuple[int, int] = (128, 128)) -> HiDreamImageTransformer2DModel:
     """1 double + 2 single blocks, 2 heads of 16 (RoPE axes 4+6+6), 4 routed experts, top 2.
-    `max_resolution` (latent pixels) bounds non-square inputs: 64x64 -> 1024 tokens (512 px area)."""
+    `max_resolution` (latent pixels) bounds non-square inputs: 128x128 -> 4096 tokens (1024 px area),
+    the real model's limit, so the tiny flavour accepts every size the real one does."""
     return HiDreamImageTransformer2DModel(
         patch_size=2,
         in_channels=16,

@@ -129,3 +129,41 @@ def eval_noise(
     is a function of the weights alone and never touches the training RNG."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+# issue 15: SimpleTuner's loss_type for flow-matching models (models/common.py `conditional_loss`
+# and `compute_scheduled_huber_c`, whose timesteps are sigma * 1000).
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+
+
+def huber_c_per_sample(sigmas: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+    """huber_c for each sample: constant; exponential exp(-alpha t) with alpha = -ln(c)/1000, i.e.
+    c ** sigma; snr (1 - c) / (1 + sqrt((1 - s) / (s + 1e-4)))^2 + c, as SimpleTuner computes it."""
+    s = sigmas.float()
+    if schedule == "constant":
+        return torch.full_like(s, float(huber_c))
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) / 1000 * (s * 1000))
+    if schedule == "snr":
+        k = ((1.0 - s) / (s + 0.0001)) ** 0.5
+        return (1 - huber_c) / (1 + k) ** 2 + huber_c
+    raise ConfigError(f"key 'huber_schedule': {schedule!r} is not one of {', '.join(HUBER_SCHEDULES)}")
+
+
+def flow_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    sigmas: torch.Tensor,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
+    huber_schedule: str = "snr",
+) -> torch.Tensor:
+    """Mean loss: l2 = MSE; huber = 2c(sqrt(d^2 + c^2) - c); smooth_l1 = 2(sqrt(d^2 + c^2) - c)."""
+    if loss_type == "l2":
+        return torch.nn.functional.mse_loss(pred, target)
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"key 'loss_type': {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    c = _expand(huber_c_per_sample(sigmas, huber_c, huber_schedule), pred)
+    root = torch.sqrt((pred - target) ** 2 + c**2) - c
+    return (2 * c * root if loss_type == "huber" else 2 * root).mean()

@@ -20,7 +20,7 @@ import torch
 from ..errors import TrainingError
 from .distributed import stop_armed, stop_requested
 from .evaluate import EvalSet
-from .flow import flow_target, image_seq_len, noisy_latents, sample_sigmas
+from .flow import flow_loss, flow_target, image_seq_len, noisy_latents, sample_sigmas
 from .metrics import MetricsWriter, TrainProgress
 from .regularisation import parent_targets, regularisation_rows
 from .run import Run, prepare_run, save_final, save_run_checkpoint
@@ -65,7 +65,7 @@ def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
         target = parent_targets(run.adapter, parent, target, rows, _autocast(run))
     with _autocast(run):
         pred = run.predict(xt, sigmas, embeds, guidance)
-    loss = torch.nn.functional.mse_loss(pred.float(), target)
+    loss = flow_loss(pred.float(), target, sigmas, cfg.loss_type, cfg.huber_c, cfg.huber_schedule)
     aux = getattr(run.model, "last_aux_loss", None)  # HiDream's MoE load-balancing loss (with grad)
     if cfg.hidream_use_load_balancing_loss and aux is not None:
         loss = loss + cfg.hidream_load_balancing_loss_weight * aux.float()

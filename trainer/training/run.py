@@ -18,6 +18,7 @@ from ..adapters.files import run_metadata
 from ..cache.build import build_training_data
 from ..errors import TrainingError
 from ..models.prepare import prepare_model
+from ..preflight import preflight
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .checkpointing import enable_checkpointing
@@ -139,6 +140,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     seed_everything(cfg.seed)
     owned = model is None
     if owned:
+        preflight(cfg)  # issue 15: what the config alone decides fails before any weight is loaded
         model = prepare_model(cfg, dist.device)
     else:  # a model given (a node's, the bench's): quantised as cfg says if not yet (idempotent)
         quantize_model(model, cfg)
