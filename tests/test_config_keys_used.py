@@ -129,7 +129,8 @@ def test_value_lists_have_one_source() -> None:
     from tunegraph.trainer.training import optim
 
     assert KEYS["lr_scheduler"].choices == optim.SCHEDULERS == choices.LR_SCHEDULERS
-    assert KEYS["base_model_precision"].choices == quantize.PRECISIONS == choices.PRECISIONS
+    assert KEYS["text_encoder_1_precision"].choices == quantize.PRECISIONS == choices.PRECISIONS
+    assert set(choices.PRECISIONS) <= set(KEYS["base_model_precision"].choices)  # + the base's fp8-file
     assert (
         FluxModel.lora_target_presets is targets.FLUX_LORA_TARGET_PRESETS is choices.FLUX_LORA_TARGET_PRESETS
     )
