@@ -19,7 +19,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from tunegraph.trainer.adapters.lycoris import lycoris_from_config
-from tunegraph.trainer.config_keys import PRECISIONS
+from tunegraph.trainer.choices import PRECISIONS
 from tunegraph.trainer.quantize import KEEP, module_bytes, quantize_module
 
 LOKR = {"algo": "lokr", "factor": 16, "linear_dim": 10000, "linear_alpha": 1, "full_matrix": True,

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
+from ..trainer.choices import PRECISIONS as PRECISION_NAMES
 from ..trainer.config import TrainConfig
-from ..trainer.config_keys import PRECISIONS as PRECISION_NAMES
 from ..trainer.errors import ConfigError
-from ..trainer.models import FAMILIES, load_model
+from ..trainer.models import FAMILIES
+from ..trainer.models.prepare import prepare_model
 from ..trainer.quantize import quantize_model
 from . import paths
 from .comfy_files import FILE_KEYS, comfy_file_inputs, comfy_file_keys
@@ -20,7 +21,7 @@ from .runtime import autograd_on, free_comfy_models, torch_device
 from .sockets import CATEGORY, ModelSocket
 
 FLAVOURS = sorted({f for fam in FAMILIES.values() for f in fam.flavours})
-PRECISIONS = {"bf16": (torch.bfloat16, "bf16"), "fp32": (torch.float32, "no")}
+PRECISIONS = {"bf16": "bf16", "fp32": "no"}  # widget -> mixed_precision
 QUANT_PRECISIONS = list(PRECISION_NAMES)
 
 
@@ -29,7 +30,7 @@ def model_keys(family: str, flavour: str, folder: str, precision: str) -> dict:
     if family not in FAMILIES:
         raise ConfigError(f"LoadTrainingModel: model_family '{family}' is not one of {', '.join(FAMILIES)}")
     FAMILIES[family].check_flavour(flavour, "LoadTrainingModel")
-    keys = {"model_family": family, "model_flavour": flavour, "mixed_precision": PRECISIONS[precision][1]}
+    keys = {"model_family": family, "model_flavour": flavour, "mixed_precision": PRECISIONS[precision]}
     if folder.strip():
         import folder_paths
 
@@ -91,7 +92,7 @@ class LoadTrainingModel(io.ComfyNode):
         if set(keys) & {"pretrained_model_name_or_path", *FILE_KEYS}:
             free_comfy_models()  # ComfyUI's own loaded models give their memory to ours
         with autograd_on():  # weights made under inference_mode could never be trained
-            bundle = load_model(cfg, device=torch_device(), dtype=PRECISIONS[precision][0])
+            bundle = prepare_model(cfg, torch_device())  # dtype from mixed_precision, as the CLI
         return io.NodeOutput(TrainingModel(bundle, keys, fingerprint(keys, seed)))
 
 

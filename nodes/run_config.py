@@ -1,7 +1,9 @@
 """Node widgets -> the same SimpleTuner config files the CLI reads, written into the run folder.
 
 TrainLoKr writes `<run>/config/{config,multidatabackend,lycoris_config}.json` and loads them with
-`load_config`, so a run started from a graph can be replayed with `tunegraph train --config ...`.
+`load_config`, so a run started from a graph can be replayed with `tunegraph train --config ...` in
+any working directory: every path in them is absolute, so no file in the server's (or a shell's)
+working directory can stand in for the run's own.
 A run is identified by its folder and a hash of its config (`<run>/tunegraph_run.json`): the same
 inputs again resume or reuse it, changed inputs move the old run aside and train afresh (run_identity.py).
 """
@@ -40,12 +42,7 @@ def backend_entries(datasets: Datasets, text_cache_dir: Path) -> list[dict[str, 
 
 def cache_config(cache: CacheHandle, output_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config keys that come from the model and the datasets (everything but the training knobs)."""
-    return {
-        **cache.model.keys,
-        "output_dir": str(output_dir),
-        "data_backend_config": "multidatabackend.json",
-        **(extra or {}),
-    }
+    return {**cache.model.keys, "output_dir": str(Path(output_dir).resolve()), **(extra or {})}
 
 
 def run_identity(config: dict[str, Any], backends: list[dict], lycoris: dict | None, start: str = "") -> str:
@@ -60,13 +57,14 @@ def write_run_config(
     run_dir: Path, config: dict[str, Any], backends: list[dict], lycoris: dict | None, start: str = ""
 ) -> tuple[Path, str]:
     """Write the three JSON files into `run_dir/config/`; returns (config.json path, identity)."""
-    conf = run_dir / "config"
+    conf = (run_dir / "config").resolve()
     conf.mkdir(parents=True, exist_ok=True)
     config = dict(config)
     if lycoris is not None:
         (conf / "lycoris_config.json").write_text(json.dumps(lycoris, indent=2))
-        config["lycoris_config"] = "lycoris_config.json"
+        config["lycoris_config"] = str(conf / "lycoris_config.json")
     (conf / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
+    config["data_backend_config"] = str(conf / "multidatabackend.json")
     (conf / "config.json").write_text(json.dumps(config, indent=2))
     return conf / "config.json", run_identity(config, backends, lycoris, start)
 
@@ -85,7 +83,7 @@ def claim_run(
 
 
 def load_run_config(config_path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load with the config's own folder as the place relative paths are found (never the cwd)."""
+    """Load a written run config; its paths are absolute, so the cwd plays no part."""
     return load_config(config_path, overrides)
 
 

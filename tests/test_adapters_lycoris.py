@@ -170,7 +170,8 @@ def test_export_keys_metadata_and_comfyui_scale(tmp_path, lyco):
     assert modules == {"lycoris_" + n.replace(".", "_") for n in adapter.wrapped_module_names}
     assert not any(k.endswith(".scalar") for k in sd)
     if lyco["full_matrix"]:
-        assert not any(k.endswith(".alpha") for k in sd)  # nothing a newer ComfyUI could rescale by
+        for m in modules:  # alpha / (w2.out // w1.out) == 1: a newer ComfyUI's scale (test_lokr_loaders.py)
+            assert float(sd[f"{m}.alpha"]) == sd[f"{m}.lokr_w2"].shape[0] // sd[f"{m}.lokr_w1"].shape[0]
     else:
         assert all(float(sd[f"{m}.alpha"]) == 3.0 for m in modules)
     meta = read_adapter_metadata(out)

@@ -122,5 +122,10 @@ def test_too_small_dataset_message_names_dataset_counts_and_repeats_fix():
     assert 'Raise "repeats" to 3 or more' in msg
 
 
-def test_big_enough_dataset_passes():
-    check_dataset_size("ok", {"64x64": 8}, 0, 2, 4, "m")
+def test_big_enough_dataset_passes_exactly_at_the_boundary():
+    # 8 images fill batch 2 x accumulation 4 = 8 exactly: no error (returns None) ...
+    assert check_dataset_size("ok", {"64x64": 8}, 0, 2, 4, "m") is None
+    assert usable_samples({"64x64": 8}, 0, 2) == 8
+    # ... and one image fewer is the too-small error
+    with pytest.raises(DatasetError, match="7 usable samples"):
+        check_dataset_size("ok", {"64x64": 7}, 0, 1, 8, "m")

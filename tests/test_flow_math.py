@@ -6,7 +6,6 @@ import torch
 from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.training.flow import (
     auto_shift_mu,
-    cfg_active,
     effective_shift,
     eval_noise,
     eval_sigmas,
@@ -15,7 +14,6 @@ from tunegraph.trainer.training.flow import (
     noisy_latents,
     sample_sigmas,
     shift_sigmas,
-    time_shift,
 )
 
 
@@ -41,12 +39,15 @@ def test_auto_shift_mu_matches_flux_calculate_shift():
         assert auto_shift_mu(n) == pytest.approx(calculate_shift(n))
 
 
-def test_time_shift_equals_exp_mu_formula():
+def test_auto_shift_is_the_exp_mu_time_shift():
+    """SimpleTuner's auto shift, exp(mu) / (exp(mu) + (1/s - 1)), is shift_sigmas at exp(mu)."""
     mu = 0.63
     s = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     expected = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
-    assert torch.allclose(time_shift(mu, s), expected)
-    assert time_shift(mu, torch.tensor([0.5]))[0].item() == pytest.approx(1.877611 / 2.877611, rel=1e-6)
+    assert torch.allclose(shift_sigmas(s, math.exp(mu)), expected)
+    assert shift_sigmas(torch.tensor([0.5]), math.exp(mu))[0].item() == pytest.approx(
+        1.877611 / 2.877611, rel=1e-6
+    )
 
 
 def test_image_seq_len_and_effective_shift():
@@ -77,7 +78,7 @@ def test_sample_sigmas_uniform_and_auto_shift():
     assert torch.equal(raw, torch.rand(4, generator=g))
     g = torch.Generator().manual_seed(0)
     shifted = sample_sigmas(4, g, method="uniform", auto_shift=True, image_seq_len=1024)
-    assert torch.allclose(shifted, time_shift(0.63, raw), atol=1e-6)
+    assert torch.allclose(shifted, shift_sigmas(raw, math.exp(0.63)), atol=1e-6)
     assert bool((shifted >= raw).all())  # exp(0.63) > 1 pushes towards noise
 
 
@@ -130,17 +131,3 @@ def test_eval_noise_deterministic_and_leaves_global_rng():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(torch.get_rng_state(), before)
     assert eval_noise((1, 3), 0, dtype=torch.bfloat16).dtype == torch.bfloat16
-
-
-def test_cfg_active_schedule():
-    sigmas = torch.linspace(1, 0, 6)
-    flags = [cfg_active(i, 5, sigmas, no_cfg_until_timestep=2) for i in range(5)]
-    assert flags == [False, False, True, True, True]
-    assert [cfg_active(i, 5, None, 0) for i in range(5)] == [True] * 5
-    assert not any(cfg_active(i, 5, None, 2, guidance_scale_real=1.0) for i in range(5))
-    assert cfg_active(4, 5, None, 2, guidance_scale_real=3.5)
-    assert not cfg_active(4, 5, None, 9)
-    with pytest.raises(ValueError):
-        cfg_active(5, 5)
-    with pytest.raises(ValueError):
-        cfg_active(0, 5, sigmas=[1.0, 0.5])

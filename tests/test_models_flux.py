@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
+from tunegraph.trainer.adapters.lora import lora_from_config, lora_targets
 from tunegraph.trainer.commands.tiny_models import write_tiny_models
 from tunegraph.trainer.config import TrainConfig
 from tunegraph.trainer.errors import ConfigError
@@ -262,12 +263,20 @@ def test_lora_target_presets(model):
         "tiny",
         "nano",
     }
-    assert "to_add_out" in model.lora_target_modules("all")
-    assert {"proj_mlp", "ff.net.2"} <= set(model.lora_target_modules("all+ffs"))
-    with pytest.raises(ConfigError, match="matches no module"):
-        model.lora_target_modules("nano")  # block 7 does not exist in the tiny model
+    # The live resolver (adapters/lora.py), as training calls it.
+    assert "to_add_out" in lora_targets(TrainConfig.from_dict({"flux_lora_target": "all"}), model)
+    assert {"proj_mlp", "ff.net.2"} <= set(
+        lora_targets(TrainConfig.from_dict({"flux_lora_target": "all+ffs"}), model)
+    )
+    nano = lora_targets(TrainConfig.from_dict({"flux_lora_target": "nano"}), model)
+    with pytest.raises(
+        ConfigError, match="single_transformer_blocks.7.proj_out"
+    ):  # no block 7 in the tiny model
+        lora_from_config(
+            model.transformer, {"rank": 2, "alpha": 2.0, "init": "default", "target_modules": nano}
+        )
     with pytest.raises(ConfigError, match="did you mean 'all'"):
-        model.lora_target_modules("al")
+        TrainConfig.from_dict({"flux_lora_target": "al"})
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,9 @@ def test_claim_resumes_same_run_and_moves_a_changed_runs_files_aside(tmp_path: P
 def test_finished_adapter_needs_same_identity_and_step(tmp_path: Path) -> None:
     run = tmp_path / "run"
     path, identity = write_run_config(run, {"max_train_steps": 5}, [{"id": "d"}], {"algo": "lokr"})
-    assert json.loads(path.read_text())["lycoris_config"] == "lycoris_config.json"
+    assert json.loads(path.read_text())["lycoris_config"] == str(
+        (run / "config" / "lycoris_config.json").resolve()
+    )
     claim_run_dir(run, identity)
     assert finished_adapter(run, identity, 5) is None  # nothing trained yet
     write_adapter_file(run / "pytorch_lora_weights.safetensors", {"w": torch.zeros(1)}, {"step": "5"})

@@ -12,3 +12,7 @@ for _name in (
     "diffusers.quantizers.torchao.torchao_quantizer",
 ):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+from . import quiet  # noqa: E402
+
+quiet.install()  # issue 14: per-load third-party noise never reaches the console or ComfyUI's log

@@ -55,10 +55,10 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
     from .cache.build import build_caches
-    from .models import load_model
+    from .models.prepare import prepare_model
 
     cfg = _config(args)
-    return build_caches(cfg, load_model(cfg), progress=True)
+    return build_caches(cfg, prepare_model(cfg), progress=True)
 
 
 def cmd_validate(args: argparse.Namespace) -> dict[str, Any]:

@@ -33,9 +33,9 @@ _COERCE = {
 }
 
 
-def did_you_mean(name: str, options: list[str] | tuple[str, ...]) -> str:
+def did_you_mean(name: str, options: Any, cutoff: float = 0.6) -> str:
     """' (did you mean 'x'?)' or '' — shared by every unknown-name error."""
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -115,6 +115,11 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "vae_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{self.source}: key '{name}' must be at least 1")
+        if self.mixed_precision == "fp16":  # why not a GradScaler: README "Precision"
+            raise ConfigError(
+                f"{self.source}: key 'mixed_precision': 'fp16' is not supported (Flux and HiDream overflow "
+                "float16's range in training); use 'bf16' (the default) or 'no' (fp32)"
+            )
         if self.lora_type == "lycoris" and not self.lycoris_config:
             raise ConfigError(f"{self.source}: lora_type 'lycoris' needs key 'lycoris_config' (a JSON file)")
 

@@ -10,19 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .choices import FLUX_LORA_TARGET_PRESETS, LR_SCHEDULERS, PRECISIONS  # issue 14: one place each
 from .simpletuner_options import CONFIG_DEFAULTS, CONFIG_NO_EFFECT, CONFIG_SPEED_MEMORY, FLOW_MATCHING_NOOPS
-
-# The precision names (trainer/quantize.py implements them); kept here so config.py needs no torch.
-PRECISIONS = (
-    "no_change",
-    "int8-quanto",
-    "int4-quanto",
-    "int2-quanto",
-    "fp8-quanto",
-    "nf4-bnb",
-    "int8-torchao",
-    "fp8-torchao",
-)
 
 
 @dataclass(frozen=True)
@@ -58,7 +47,6 @@ KEYS: dict[str, Key] = {
     "pretrained_vae_model_name_or_path": _k("str", None),
     "pretrained_transformer_model_name_or_path": _k("str", None),
     "pretrained_transformer_subfolder": _k("str", "transformer"),
-    "revision": _k("str", None),
     # TuneGraph's own: the tiny flavour's random weights (fixed, like a checkpoint; not the training seed)
     "tiny_model_seed": _k("int", 0, **SEED),
     # adapter
@@ -67,7 +55,7 @@ KEYS: dict[str, Key] = {
     "lora_rank": _k("int", 16, **AT_LEAST_1),
     "lora_alpha": _k("float", None, **POSITIVE),
     "lora_dropout": _k("float", 0.0, **FRACTION),
-    "flux_lora_target": _k("str", "all", "mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano"),
+    "flux_lora_target": _k("str", "all", *FLUX_LORA_TARGET_PRESETS),
     "lora_init_type": _k("str", "default", "default", "gaussian", "loftq", "olora", "pissa"),
     "init_lokr_norm": _k("float", None, **AT_LEAST_0),
     # data
@@ -101,7 +89,7 @@ KEYS: dict[str, Key] = {
     "adam_weight_decay": _k("float", 1e-2, **AT_LEAST_0),
     "adam_epsilon": _k("float", 1e-8, **AT_LEAST_0),
     "prodigy_d_coef": _k("float", 1.0, **POSITIVE),
-    "lr_scheduler": _k("str", "constant", "constant", "constant_with_warmup", "cosine", "polynomial"),
+    "lr_scheduler": _k("str", "constant", *LR_SCHEDULERS),
     "lr_warmup_steps": _k("int", 0, **AT_LEAST_0),
     "lr_end": _k("float", 4e-7, **AT_LEAST_0),
     "lr_power": _k("float", 1.0, **POSITIVE),
@@ -156,6 +144,9 @@ KEYS: dict[str, Key] = {
     # the ComfyUI install their tokenizers come from (default: the running ComfyUI, else $COMFYUI_DIR)
     **{f"text_encoder_{i}_path": _k("str", None) for i in range(1, 5)},
     "comfyui_path": _k("str", None),
+    # issue 13/14: memory by phase (training/phases.py)
+    "offload_during_startup": _k("bool", False),
+    "keep_vae_loaded": _k("bool", False),
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01, **AT_LEAST_0),

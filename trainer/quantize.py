@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config_keys import PRECISIONS
+from .choices import PRECISIONS
 from .errors import ConfigError
 
 log = logging.getLogger("tunegraph")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,13 @@ class Adapter:
     def restore(self) -> None:
         """Re-attach after remove()."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside, the transformer computes the base model's outputs (the parent prediction of
+        regularisation batches); the adapter acts again after."""
+        self.remove()
+        try:
+            yield
+        finally:
+            self.restore()

@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..config import did_you_mean
 from ..errors import ConfigError
 from .base import Adapter
 from .targets import lora_target_presets, no_match_error, suffix_matches
@@ -66,8 +67,10 @@ class PeftLoraAdapter(Adapter):
 def lora_targets(cfg: Any, family_info: Any) -> list[str]:
     presets = lora_target_presets(family_info)
     name = cfg.flux_lora_target or "all"
-    if name not in presets:
-        raise ConfigError(f"{cfg.source}: flux_lora_target '{name}' is not one of {', '.join(presets)}")
+    if name not in presets:  # the family has fewer presets than the key accepts (HiDream: no tiny/nano)
+        raise ConfigError(
+            f"{cfg.source}: flux_lora_target '{name}' is not one of {', '.join(presets)}{did_you_mean(name, presets)}"
+        )
     return list(presets[name])
 
 

@@ -108,6 +108,16 @@ class LycorisAdapter(Adapter):
     def restore(self) -> None:
         self.network.apply_to()
 
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Multiplier 0, as SimpleTuner does: every module adds exactly zero (bypass or not)."""
+        multiplier = self.network.multiplier
+        self.network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(multiplier)
+
 
 def lycoris_file_metadata(config: dict[str, Any]) -> dict[str, Any]:
     args = {k: v for k, v in config.items() if k not in ("apply_preset", "linear_dim", "linear_alpha")}
@@ -122,9 +132,18 @@ def lycoris_file_metadata(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def full_matrix_alpha(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The `alpha` of a full-matrix LoKr module (lokr_w1 and lokr_w2, no low-rank factor) that every
+    reader turns into scale 1: LyCORIS' create_lycoris_from_weights forces scale 1 for such modules
+    but needs a number; ComfyUI 0.3.75 ignores it; newer ComfyUI (weight_adapter/lokr.py, checked
+    at Comfy-Org/ComfyUI 839df9f) scales by alpha / (w2.out // w1.out), so alpha is that quotient.
+    (LyCORIS' own save_weights writes linear_dim there, which such a ComfyUI would apply as a scale.)"""
+    return torch.tensor(float(max(1, w2.shape[0] // w1.shape[0])))
+
+
 def lycoris_file_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Raw training state -> the layout lycoris' save_weights writes (scalar folded into w1 / w1_a),
-    minus `alpha` on modules with no low-rank factor, where any reader must use scale 1."""
+    with `full_matrix_alpha` on modules with no low-rank factor."""
     modules = sorted({k.rsplit(".", 1)[0] for k in state})
     out: dict[str, torch.Tensor] = {}
     for mod in modules:
@@ -134,7 +153,7 @@ def lycoris_file_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             if scalar is not None and key in part:
                 part[key] = part[key] * scalar
         if "lokr_w1" in part and "lokr_w2" in part:
-            part.pop("alpha", None)
+            part["alpha"] = full_matrix_alpha(part["lokr_w1"], part["lokr_w2"])
         out.update({f"{mod}.{k}": v for k, v in part.items()})
     return out
 

@@ -6,7 +6,6 @@ Values are coerced like config.json's (string numbers and booleans); unknown key
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import coerce
+from ..config import did_you_mean
 from ..errors import ConfigError
 from ..jsonfile import load_json
 from .targets import module_classes, name_matches, no_match_error
@@ -57,9 +57,9 @@ def normalise_lycoris_config(raw: dict[str, Any], src: str = "<lycoris_config>")
     for key, value in raw.items():
         where = f"{src}: key '{key}'"
         if key not in KNOWN_KEYS:
-            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where} is not a LyCORIS option TuneGraph knows{hint}")
+            raise ConfigError(
+                f"{where} is not a LyCORIS option TuneGraph knows{did_you_mean(key, KNOWN_KEYS)}"
+            )
         if key in _INT_KEYS:
             value = coerce.to_int(value, where)
         elif key in _FLOAT_KEYS:
@@ -84,9 +84,7 @@ def _check_preset(preset: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where} must be an object with target_module / name_algo_map / ...")
     for key in preset:
         if key not in _PRESET_KEYS_ALL:
-            close = difflib.get_close_matches(key, _PRESET_KEYS_ALL, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown preset key '{key}'{hint}")
+            raise ConfigError(f"{where}: unknown preset key '{key}'{did_you_mean(key, _PRESET_KEYS_ALL)}")
     if preset.get("lora_prefix", "lycoris") != "lycoris":
         raise ConfigError(f"{where}: lora_prefix must stay 'lycoris' (ComfyUI reads lycoris_ keys)")
     if "use_fnmatch" in preset:

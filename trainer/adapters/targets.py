@@ -13,22 +13,9 @@ from typing import Any
 
 import torch
 
+from ..choices import FLUX_LORA_TARGET_PRESETS
 from ..errors import ConfigError
 
-# SimpleTuner's flux_lora_target meanings (names are diffusers module-name suffixes, as PEFT matches).
-_FLUX_ATTN = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
-_FLUX_CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
-_FLUX_FFS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
-FLUX_LORA_TARGET_PRESETS: dict[str, list[str]] = {
-    "mmdit": ["to_k", "to_q", "to_v", "to_out.0"],  # SimpleTuner's DEFAULT_LORA_TARGET fallback
-    "all": _FLUX_ATTN,
-    "all+ffs": _FLUX_ATTN + _FLUX_FFS,
-    "context": _FLUX_CONTEXT,
-    "context+ffs": _FLUX_CONTEXT + ["ff_context.net.0.proj", "ff_context.net.2"],
-    # TheLastBen's tiny/nano LoRAs: two (one) single-block output projections of the full-size model.
-    "tiny": ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"],
-    "nano": ["single_transformer_blocks.7.proj_out"],
-}
 FLUX_ATTENTION_CLASSES = ["FluxAttention"]
 
 

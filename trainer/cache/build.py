@@ -16,6 +16,7 @@ from ..data.discovery import Discovery, discover
 from ..data.sampler import TrainingData
 from ..data.sizing import check_dataset_size
 from ..errors import DatasetError
+from ..training.phases import offloaded
 from .latents import LatentItem, cache_latents, plan_latents
 from .text_embeds import cache_text_embeds
 
@@ -92,12 +93,14 @@ def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progres
     """Discover, check and cache everything the config's datasets need; return what training reads."""
     backends = backends or load_backends(cfg)
     vae_batch = _setting(cfg, "vae_batch_size", 4)
+    startup = bool(getattr(cfg, "offload_during_startup", False))  # one big component on the device at a time
     datasets, reports = [], []
     for found, items in _plan_all(backends, cfg, str(model.vae_id)):
         spec = found.spec
-        cached, reused, failed = cache_latents(
-            items, model, vae_batch, progress=progress, desc=f"latents {spec.id}"
-        )
+        with offloaded(getattr(model, "text_encoders", []), startup):
+            cached, reused, failed = cache_latents(
+                items, model, vae_batch, progress=progress, desc=f"latents {spec.id}"
+            )
         for item in items:
             if item.key in failed:
                 found.skip(item.record.path, failed[item.key])
@@ -119,9 +122,10 @@ def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progres
             }
         )
     captions = [c for d in datasets for item in d.items for c in item.captions]
-    text_paths, text_cached, text_reused = cache_text_embeds(
-        captions, model, backends.text_embeds, progress=progress
-    )
+    with offloaded([model.vae] if hasattr(model, "vae") else [], startup):
+        text_paths, text_cached, text_reused = cache_text_embeds(
+            captions, model, backends.text_embeds, progress=progress
+        )
     summary = {"datasets": reports, "text_embeds": {"cached": text_cached, "reused": text_reused}}
     return CachedData(datasets, text_paths, summary)
 

@@ -5,7 +5,7 @@ Contract with the training loop: a checkpoint folder holds
   adapter_meta.json     `adapters.adapter_meta(adapter, run_metadata(cfg, step, hash))`:
                         {"tunegraph_format": 1, "kind", "config", "wrapped_module_names", "metadata"}
 `adapters.save_adapter_state(adapter, dir, metadata)` writes both. Export needs no model: the file
-layout (lycoris_ keys with scalar folded and no full-matrix alpha, or diffusers transformer. keys with
+layout (lycoris_ keys with scalar folded and a full-matrix alpha every reader takes as scale 1, or diffusers transformer. keys with
 alpha folded into lora_B) is computed from the raw tensors alone.
 """
 

@@ -141,26 +141,6 @@ class ModelBundle:
     def save_pretrained(self, directory: str | Path) -> Path:
         raise NotImplementedError
 
-    # -- adapters ----------------------------------------------------------------------------------
-
-    def lora_target_modules(self, preset: str) -> list[str]:
-        """The PEFT target suffixes for `preset`, checked against this transformer's module names."""
-        if preset not in self.lora_target_presets:
-            raise ConfigError(
-                f"lora target '{preset}' is not known for {self.family}"
-                f"{did_you_mean(preset, list(self.lora_target_presets))}; "
-                f"choose one of {', '.join(self.lora_target_presets)}"
-            )
-        suffixes = self.lora_target_presets[preset]
-        names = [name for name, _ in self.transformer.named_modules()]
-        found = [s for s in suffixes if any(n == s or n.endswith("." + s) for n in names)]
-        if not found:
-            raise ConfigError(
-                f"lora target '{preset}' ({', '.join(suffixes)}) matches no module of this {self.family} "
-                f"transformer ({len(names)} modules); pick another preset"
-            )
-        return found
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(flavour={self.flavour!r}, device={self.device}, dtype={self.dtype})"
 

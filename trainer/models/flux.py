@@ -15,17 +15,13 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..choices import FLUX_LORA_TARGET_PRESETS
 from ..errors import ConfigError
 from .base import ModelBundle, batch_like, place_module
 from .loading import ModelSource, apply_overrides, folder_flavour, load_folder_parts, save_pipeline_folder
 from .single_file import checkpoint_parts, source_flavour
 from .text_encoder_source import files_only_parts, plan_text_encoder_files
 from .tiny import tiny_flux_parts, tiny_flux_transformer
-
-_ATTN = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
-_CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
-_CONTEXT_FFS = ["ff_context.net.0.proj", "ff_context.net.2"]
-_FFS = ["ff.net.0.proj", "ff.net.2", *_CONTEXT_FFS, "proj_mlp", "proj_out"]
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -69,17 +65,8 @@ class FluxModel(ModelBundle):
     lycoris_class_aliases: ClassVar[dict[str, list[str]]] = {"FeedForward": ["FeedForward"]}
     transformer_class: ClassVar[Any] = FluxTransformer2DModel
     tiny_transformer: ClassVar[Any] = staticmethod(lambda: tiny_flux_transformer(True))
-    # flux_lora_target -> PEFT module-name suffixes (SimpleTuner's meanings).
-    lora_target_presets: ClassVar[dict[str, list[str]]] = {
-        "mmdit": ["to_k", "to_q", "to_v", "to_out.0"],  # image-stream attention (also single blocks)
-        "all": _ATTN,  # both streams' attention
-        "all+ffs": _ATTN + _FFS,  # plus every feed-forward and single-block MLP/out
-        "context": _CONTEXT,  # text-stream attention only
-        "context+ffs": _CONTEXT + _CONTEXT_FFS,
-        # TheLastBen's small LoRAs: two / one single-block output projections (full-size Flux).
-        "tiny": ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"],
-        "nano": ["single_transformer_blocks.7.proj_out"],
-    }
+    # flux_lora_target -> PEFT module-name suffixes (SimpleTuner's meanings), from choices.py.
+    lora_target_presets: ClassVar[dict[str, list[str]]] = FLUX_LORA_TARGET_PRESETS
     hub_ids: ClassVar[dict[str, str]] = {
         "krea": "black-forest-labs/FLUX.1-Krea-dev",
         "dev": "black-forest-labs/FLUX.1-dev",

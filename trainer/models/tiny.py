@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from ..training.flow import FLUX_BASE_SEQ_LEN, FLUX_BASE_SHIFT, FLUX_MAX_SEQ_LEN, FLUX_MAX_SHIFT
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 T = TypeVar("T")
@@ -108,10 +109,10 @@ def flux_scheduler(schnell: bool = False) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
+        base_shift=FLUX_BASE_SHIFT,
+        max_shift=FLUX_MAX_SHIFT,
+        base_image_seq_len=FLUX_BASE_SEQ_LEN,
+        max_image_seq_len=FLUX_MAX_SEQ_LEN,
     )
 
 

@@ -43,12 +43,6 @@ def auto_shift_mu(
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
-def time_shift(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
-    """exp(mu) / (exp(mu) + (1/s - 1)); the same curve as `shift_sigmas(s, exp(mu))`, which is how
-    SimpleTuner applies flow_schedule_auto_shift (and which stays finite at s = 0)."""
-    return shift_sigmas(sigmas, math.exp(mu))
-
-
 def image_seq_len(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
     """Tokens the transformer sees for one latent image (Flux packs 2x2 latent patches)."""
     return (latent_height // patch_size) * (latent_width // patch_size)
@@ -135,28 +129,6 @@ def eval_noise(
     is a function of the weights alone and never touches the training RNG."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-
-
-def cfg_active(
-    step_index: int,
-    num_steps: int,
-    sigmas: Sequence[float] | torch.Tensor | None = None,
-    no_cfg_until_timestep: int = 2,
-    guidance_scale_real: float | None = None,
-) -> bool:
-    """Whether sampling step `step_index` (0-based) runs real CFG: not in the first
-    `no_cfg_until_timestep` steps (SimpleTuner's Flux pipeline: `i >= no_cfg_until_timestep`), and
-    never when guidance_scale_real is given and <= 1. `sigmas`, when given, must hold the schedule
-    (num_steps values, or num_steps + 1 with the trailing 0)."""
-    if not 0 <= step_index < num_steps:
-        raise ValueError(f"step_index {step_index} outside 0..{num_steps - 1}")
-    if sigmas is not None and len(sigmas) not in (num_steps, num_steps + 1):
-        raise ValueError(f"sigmas has {len(sigmas)} values for {num_steps} sampling steps")
-    if no_cfg_until_timestep < 0:
-        raise ConfigError(f"validation_no_cfg_until_timestep must be >= 0, got {no_cfg_until_timestep}")
-    if guidance_scale_real is not None and guidance_scale_real <= 1.0:
-        return False
-    return step_index >= no_cfg_until_timestep
 
 
 # issue 15: SimpleTuner's loss_type for flow-matching models (models/common.py `conditional_loss`

@@ -22,6 +22,7 @@ from .distributed import stop_armed, stop_requested
 from .evaluate import EvalSet
 from .flow import flow_loss, flow_target, image_seq_len, noisy_latents, sample_sigmas
 from .metrics import MetricsWriter, TrainProgress
+from .regularisation import parent_targets, regularisation_rows
 from .run import Run, prepare_run, save_final, save_run_checkpoint
 from .run_lock import hold_output_dir
 
@@ -38,7 +39,8 @@ def _autocast(run: Run):
 
 
 def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
-    """Flow-matching loss for one micro-batch: x_t = (1-s)x0 + s*noise, target noise - x0."""
+    """Flow-matching loss for one micro-batch: x_t = (1-s)x0 + s*noise, target noise - x0 (for
+    regularisation images: the base model's prediction, see regularisation.py)."""
     cfg, gen, dist = run.cfg, run.generator, run.dist
     x0 = batch["latents"].to(run.device, torch.float32)
     n = x0.shape[0] * dist.world_size  # drawn for the global micro-batch; this rank takes its rows
@@ -58,11 +60,13 @@ def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     xt = noisy_latents(x0, noise, sigmas).to(run.model.dtype)
     guidance = torch.full((x0.shape[0],), float(cfg.flux_guidance_value), device=run.device)
     embeds = {k: v.to(run.device, run.model.dtype) for k, v in batch["embeds"].items()}
+    target = flow_target(x0, noise)
+    if (rows := regularisation_rows(batch, run.device)) is not None:  # before the student's aux loss
+        parent = lambda: run.model.predict(xt, sigmas, embeds, guidance)  # noqa: E731
+        target = parent_targets(run.adapter, parent, target, rows, _autocast(run))
     with _autocast(run):
         pred = run.predict(xt, sigmas, embeds, guidance)
-    loss = flow_loss(
-        pred.float(), flow_target(x0, noise), sigmas, cfg.loss_type, cfg.huber_c, cfg.huber_schedule
-    )
+    loss = flow_loss(pred.float(), target, sigmas, cfg.loss_type, cfg.huber_c, cfg.huber_schedule)
     aux = getattr(run.model, "last_aux_loss", None)  # HiDream's MoE load-balancing loss (with grad)
     if cfg.hidream_use_load_balancing_loss and aux is not None:
         loss = loss + cfg.hidream_load_balancing_loss_weight * aux.float()
@@ -138,11 +142,32 @@ def _train(
     `control(run)` runs after on_step (the web panel's requests: checkpoint, validate); when it
     returns True training stops early: a checkpoint at that step, then the final files as usual."""
     run = prepare_run(cfg, model=model)
+    try:
+        return _train_run(run, on_step, interrupt_types, progress, final_checkpoint, control)
+    finally:
+        run.close()  # a lent model gets its text encoders and VAE back where they were
+
+
+def _train_run(
+    run: Run,
+    on_step: StepCallback | None,
+    interrupt_types: tuple[type[BaseException], ...],
+    progress: bool | None,
+    final_checkpoint: bool,
+    control: ControlCallback | None,
+) -> dict[str, Any]:
+    cfg = run.cfg
     main = run.dist.is_main  # with several processes, rank 0 alone evaluates, logs and writes files
     evals = EvalSet.build(run) if main else EvalSet()
     started = time.monotonic()
     with MetricsWriter(
-        run.output_dir, cfg.report_to, cfg.tracker_run_name, resume_step=run.step, enabled=main
+        run.output_dir,
+        cfg.report_to,
+        cfg.tracker_run_name,
+        resume_step=run.step,
+        enabled=main,
+        logging_dir=cfg.logging_dir,
+        project=cfg.tracker_project_name,
     ) as metrics:
         first_eval = None
         if evals and run.step == run.start_step:
@@ -183,5 +208,6 @@ def _train(
         eval_loss_first=first_eval,
         eval_loss_last=last_eval,
         metrics=str(Path(run.output_dir) / "metrics.jsonl"),
+        cache=getattr(getattr(run.data, "cached", None), "summary", None),  # cached / reused counts
     )
     return summary

@@ -125,8 +125,13 @@ class MetricsWriter:
         *,
         resume_step: int = 0,
         enabled: bool = True,
+        logging_dir: str | Path | None = None,
+        project: str | None = None,
     ):
         self.output_dir = Path(output_dir)
+        # tensorboard: <logging_dir (relative: under output_dir) or output_dir/logs>/[project/]run_name
+        self.logs_root = self.output_dir / (logging_dir or "logs")
+        self.project = project
         self.path = self.output_dir / METRICS_FILE
         self._file = None
         self._tb = None
@@ -151,7 +156,7 @@ class MetricsWriter:
                 "report_to 'tensorboard' needs the tensorboard package (pip install tensorboard); skipped"
             )
             return None
-        logdir = self.output_dir / "logs" / (run_name or "tunegraph")
+        logdir = self.logs_root / (self.project or "") / (run_name or "tunegraph")
         # purge_step drops events a killed run logged past the checkpoint we resume from.
         return SummaryWriter(log_dir=str(logdir), purge_step=resume_step + 1 if resume_step else None)
 

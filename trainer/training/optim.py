@@ -10,7 +10,6 @@ adamw_bf16 is optimi's AdamW with Kahan summation switched on automatically for 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Iterable
@@ -19,11 +18,13 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..choices import LR_SCHEDULERS
+from ..config import did_you_mean
 from ..errors import ConfigError, TrainingError
 
 _BNB = {"bnb-lion8bit": "Lion8bit", "bnb-lion8bit-paged": "PagedLion8bit", "bnb-adamw8bit": "AdamW8bit"}
 OPTIMIZERS = ("adamw", "adamw_bf16", "optimi-lion", "optimi-stableadamw", "prodigy", *_BNB)
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "polynomial")
+SCHEDULERS = LR_SCHEDULERS
 CLIP_METHODS = ("norm", "value")
 
 
@@ -130,8 +131,7 @@ def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.opt
     """The optimizer `cfg.optimizer` names, over `params`, at `cfg.learning_rate`."""
     name = (cfg.optimizer or "adamw_bf16").lower()
     if name not in OPTIMIZERS:
-        close = difflib.get_close_matches(name, OPTIMIZERS, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, OPTIMIZERS, cutoff=0.5)
         raise ConfigError(
             f"{cfg.source}: optimizer '{cfg.optimizer}' is not one of {', '.join(OPTIMIZERS)}{hint}"
         )
@@ -183,8 +183,7 @@ def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int
     warmup from 0 (none for constant). Cosine falls to 0 at total_steps; polynomial to lr_end."""
     name = (cfg.lr_scheduler or "constant").lower()
     if name not in SCHEDULERS:
-        close = difflib.get_close_matches(name, SCHEDULERS, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, SCHEDULERS, cutoff=0.5)
         raise ConfigError(
             f"{cfg.source}: lr_scheduler '{cfg.lr_scheduler}' is not one of {', '.join(SCHEDULERS)}{hint}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -16,16 +17,18 @@ from ..adapters import attach_adapter
 from ..adapters.files import run_metadata
 from ..cache.build import build_training_data
 from ..errors import TrainingError
+from ..models.prepare import prepare_model
 from ..plan.check import check_memory
 from ..plan.offload import apply_group_offload
-from ..plan.placement import load_placed
 from ..plan.presets import apply_memory_preset, memory_settings
 from ..preflight import preflight
 from ..quantize import module_precision, quantize_model
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import enable_checkpointing
 from .distributed import Dist, setup, wrap_for_ddp
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, clip_gradients
+from .phases import TrainingView, training_view
 from .resume_rules import apply_config, check_resume, config_record, optimizer_settings
 from .rng import capture_rng_state, make_generator, restore_rng_state, seed_everything
 
@@ -54,6 +57,11 @@ class Run:
     dist: Dist = field(default_factory=Dist)
     ddp: Any = None  # DistributedDataParallel(transformer + adapter) when dist.enabled
     stop: bool = False  # every rank agreed to stop after this step (a signal reached one of them)
+    view: TrainingView | None = None  # memory by phase (phases.py); close() gives a lent model back
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
 
     @property
     def device(self) -> torch.device:
@@ -123,10 +131,6 @@ def _total_steps(cfg, steps_per_epoch: int) -> int:
     return max(1, (cfg.num_train_epochs or 1) * per_epoch)
 
 
-def _weight_dtype(cfg) -> torch.dtype:
-    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-
-
 def prepare_run(cfg, model=None, data=None) -> Run:
     """Load (or take) the model, build caches and data (or take a ready sampler: the benchmark's
     synthetic batch), attach the adapter, resume if asked.
@@ -141,21 +145,32 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     check_resume(resume_path, cfg)  # a changed model/adapter/data key fails here, before loading
     seed_everything(cfg.seed)
     check_memory(cfg, dist.device)  # the memory plan, before anything heavy loads (trainer/plan/)
-    if model is None:
+    owned = model is None
+    if owned:
         preflight(cfg)  # issue 15: what the config alone decides fails before any weight is loaded
-        model = load_placed(cfg, dist.device, _weight_dtype(cfg))
-    quantize_model(model, cfg)  # before caching: quantised text encoders change the embeddings
+        model = prepare_model(cfg, dist.device)
+    else:  # a model given (a node's, the bench's): quantised as cfg says if not yet (idempotent)
+        quantize_model(model, cfg)
     if data is None:
         with dist.main_first():  # rank 0 writes the caches, the others then find them
             data = build_training_data(cfg, model, progress=dist.is_main)
     if dist.enabled:
         data.shard(dist.rank, dist.world_size)
-    if cfg.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
+    enable_checkpointing(model.transformer, cfg)
     adapter = attach_adapter(model.transformer, cfg, model)
     apply_group_offload(model.transformer, cfg, dist.device)
     optimizer = build_optimizer(cfg, adapter.parameters())
     total = _total_steps(cfg, len(data))
+    cached = getattr(data, "cached", None)  # the text-embed cache answers for training captions
+    view = training_view(
+        cfg,
+        model,
+        getattr(data, "instance_prompt", None),
+        owned=owned,
+        text_paths=getattr(cached, "text_paths", None),
+    )
+    model = view.model  # an owned model's text encoders lose their last reference here
+    gc.collect()
     run = Run(
         cfg=cfg,
         model=model,
@@ -169,11 +184,22 @@ def prepare_run(cfg, model=None, data=None) -> Run:
         total_steps=total,
         shift=None if cfg.flow_schedule_auto_shift else (cfg.flow_schedule_shift or model.default_shift),
         dist=dist,
+        view=view,
     )
+    try:
+        _finish_setup(run, resume_path)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _finish_setup(run: Run, resume_path: Path | None) -> None:
+    cfg, dist, data = run.cfg, run.dist, run.data
     if resume_path is not None:
         _resume(run, resume_path)
     if dist.enabled:
-        run.ddp = wrap_for_ddp(model, adapter, dist)
+        run.ddp = wrap_for_ddp(run.model, run.adapter, dist)
         log.info(
             "rank %d of %d on %s: global batch %d = %d per process x %d processes x %d accumulation",
             dist.rank,
@@ -184,7 +210,6 @@ def prepare_run(cfg, model=None, data=None) -> Run:
             dist.world_size,
             cfg.gradient_accumulation_steps,
         )
-    return run
 
 
 def _metadata(run: Run) -> dict[str, str]:

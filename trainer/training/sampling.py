@@ -14,16 +14,20 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
+from .flow import FLUX_BASE_SEQ_LEN, FLUX_BASE_SHIFT, FLUX_MAX_SEQ_LEN, FLUX_MAX_SHIFT, auto_shift_mu
 from .guidance import AdaptiveCFG, GuidanceStats, adaptive_cfg
 
 
 def _mu(scheduler_config, image_seq_len: int) -> float:
-    """diffusers' `calculate_shift`: a line through (base_seq_len, base_shift), (max_seq_len, max_shift)."""
+    """FluxPipeline's `calculate_shift` with the scheduler's own line ends (flow.auto_shift_mu)."""
     c = scheduler_config
-    m = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (
-        c.get("max_image_seq_len", 4096) - c.get("base_image_seq_len", 256)
+    return auto_shift_mu(
+        image_seq_len,
+        c.get("base_image_seq_len", FLUX_BASE_SEQ_LEN),
+        c.get("max_image_seq_len", FLUX_MAX_SEQ_LEN),
+        c.get("base_shift", FLUX_BASE_SHIFT),
+        c.get("max_shift", FLUX_MAX_SHIFT),
     )
-    return image_seq_len * m + c.get("base_shift", 0.5) - m * c.get("base_image_seq_len", 256)
 
 
 def sampling_sigmas(

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..adapters import load_adapter_file, read_adapter_metadata
 from ..errors import ConfigError
-from ..models import load_model
+from ..models.prepare import prepare_model
 from .run import FINAL_NAME
 from .validation import render_validation
 
@@ -25,7 +25,7 @@ def validate_adapter(cfg, adapter: Path | None = None, *, model=None) -> dict[st
         raise ConfigError(f"--adapter {path}: file not found")
     if not cfg.validation_prompt and not cfg.user_prompt_library:
         raise ConfigError(f"{cfg.source}: set 'validation_prompt' or 'user_prompt_library' to validate")
-    model = model or load_model(cfg)
+    model = model or prepare_model(cfg)  # the base as trained: same dtype and quantisation
     step = 0
     if path is not None:
         meta = read_adapter_metadata(path)
