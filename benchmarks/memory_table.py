@@ -1,6 +1,6 @@
 """The README's "Which settings fit my GPU" table and the full-size activation figures, from the plan.
 
-    .venv/bin/python benchmarks/memory_table.py [--out docs/memory_table.md] [--json]
+    .venv/bin/python benchmarks/memory_table.py [--out FILE] [--json]
 
 For Flux.1-dev and HiDream-I1-Full at 512 and 1024 px: LyCORIS LoKr on attention (factor 16, full
 matrix, as the reference HiDream config), batch 1, bf16, adamw_bf16, the plan's phases (issue 13's
