@@ -166,12 +166,12 @@ def test_plan_cli_fits_and_does_not_fit(tmp_path: Path, lyco: Path, capsys) -> N
 
 def test_training_refuses_before_loading(tmp_path: Path, lyco: Path, monkeypatch) -> None:
     """gpu_memory known and too small: the run stops with the plan's text before any model load."""
-    from tunegraph.trainer.plan import placement
     from tunegraph.trainer.plan.check import DoesNotFit
+    from tunegraph.trainer.training import run as run_module
     from tunegraph.trainer.training.loop import train
 
     loads = []
-    monkeypatch.setattr(placement, "load_placed", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(run_module, "prepare_model", lambda *a, **k: loads.append(1))
     cfg = TrainConfig.from_dict(json.loads(_write_config(tmp_path, lyco, gpu_memory=0.001).read_text()))
     with pytest.raises(DoesNotFit, match="will not fit the device memory") as err:
         train(cfg, progress=False)

@@ -131,7 +131,7 @@ def test_defining_change_is_refused_by_name_before_loading(
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the config was checked")
 
-    monkeypatch.setattr(run_module, "load_placed", no_loading)
+    monkeypatch.setattr(run_module, "prepare_model", no_loading)
     changes = {"seed": 7, "lycoris_config": str(tmp_path / "lyco.json"), "learning_rate": 5e-3}
     with pytest.raises(ConfigError) as err:
         train(

@@ -46,7 +46,7 @@ def test_real_configs_keys_are_accepted(name: str, value) -> None:
 
 def test_one_warning_says_what_happens_instead(caplog) -> None:
     data = {
-        "enable_group_offload": True,  # memory only
+        "enable_chunked_feed_forward": True,  # memory only
         "noise_offset": 0.3,  # flow matching: SimpleTuner skips it
         "masked_loss_probability": 0.5,  # changes training, not implemented
         "push_to_hub": True,  # no effect on a local run: quiet
@@ -58,7 +58,7 @@ def test_one_warning_says_what_happens_instead(caplog) -> None:
     (warning,) = cfg.warnings
     assert warning.startswith("config.json: SimpleTuner keys not implemented by TuneGraph")
     assert "masked_loss_probability=0.5 (trains as with its default 1.0)" in warning
-    assert "memory/speed only" in warning and "enable_group_offload=True" in warning
+    assert "memory/speed only" in warning and "enable_chunked_feed_forward=True" in warning
     assert "flow-matching" in warning and "noise_offset=0.3" in warning
     for quiet in ("push_to_hub", "webhook_config", "controlnet"):
         assert quiet not in warning

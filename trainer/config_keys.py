@@ -173,6 +173,7 @@ KEYS: dict[str, Key] = {
 OWN_KEYS = frozenset(
     {"tiny_model_seed", "validation_adaptive_cfg_threshold", "prodigy_d_coef", "disable_validation"}
     | {"gpu_memory", "memory_preset", "ignore_memory_plan"}  # issue 16
+    | {f"text_encoder_{i}_path" for i in range(1, 5)} | {"comfyui_path"}  # issue 13: ComfyUI files
 )
 # Accepted quietly: cannot change a local run (hub upload, webhooks, trackers, launcher, logging).
 IGNORED: frozenset[str] = frozenset(CONFIG_NO_EFFECT - set(KEYS))

@@ -30,23 +30,6 @@ LOKR = {
     "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 16}}},
 }
 
-_HIDREAM_FULL = {
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 16,
-    "num_single_layers": 32,
-    "attention_head_dim": 128,
-    "num_attention_heads": 20,
-    "caption_channels": [4096, 4096],
-    "text_emb_dim": 2048,
-    "num_routed_experts": 4,
-    "num_activated_experts": 2,
-    "axes_dims_rope": (64, 32, 32),
-    "max_resolution": (128, 128),
-    "llama_layers": list(range(32)) + [31] * 16,
-}
-
 
 def transformer_config(family: str, smoke: bool) -> dict[str, Any]:
     """Constructor kwargs of the family's diffusers transformer (full size, or the tiny test model)."""
@@ -68,7 +51,9 @@ def transformer_config(family: str, smoke: bool) -> dict[str, Any]:
         from ..models.tiny_hidream import tiny_hidream_transformer
 
         return {k: v for k, v in tiny_hidream_transformer().config.items() if not k.startswith("_")}
-    return dict(_HIDREAM_FULL)
+    from ..plan.configs import full_size_config
+
+    return full_size_config("hidream", "full")
 
 
 def text_tokens(family: str, smoke: bool) -> int:
