@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
 from .ckpt_manifest import MARKER, build_manifest, read_marker, verify
+from .run_lock import pid_alive
 
 log = logging.getLogger("tunegraph")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -172,18 +173,6 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def clean_stale(output_dir: str | Path) -> None:
     """Remove scratch dirs of dead writers. A complete `.old` dir whose checkpoint-N vanished (killed
     between the two renames of an overwrite) is put back instead."""
@@ -192,7 +181,7 @@ def clean_stale(output_dir: str | Path) -> None:
         return
     for child in root.iterdir():
         match = _SCRATCH.match(child.name)
-        if not match or _pid_alive(int(match.group(3))):
+        if not match or pid_alive(int(match.group(3))):
             continue
         final = checkpoint_dir(root, int(match.group(1)))
         if match.group(2) == "old" and is_complete(child) and not final.exists():

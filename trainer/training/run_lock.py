@@ -79,7 +79,8 @@ def _this_holder(what: str) -> Holder:
     return Holder(os.getpid(), socket.gethostname(), now, what)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (checkpoint.py's scratch cleanup asks the same)."""
     try:
         import psutil
 
@@ -149,7 +150,7 @@ def _exclusive_create(folder: Path, holder: Holder) -> int | None:
             old = read_holder(folder)
             if old is None or old.host != holder.host:
                 return None
-            if old.pid != holder.pid and _pid_alive(old.pid):  # our own pid: a leftover, not held
+            if old.pid != holder.pid and pid_alive(old.pid):  # our own pid: a leftover, not held
                 return None
             path.unlink(missing_ok=True)
     return None
