@@ -7,26 +7,17 @@ truncated copy, a file edited by hand). A marker that does not parse is "incompl
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from ..data.discovery import file_hash  # sha256 in 1 MiB chunks, as for dataset images
+
 MARKER = "complete"
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_manifest(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"size": (root / name).stat().st_size, "sha256": file_digest(root / name)} for name in names
-    }
+    return {name: {"size": (root / name).stat().st_size, "sha256": file_hash(root / name)} for name in names}
 
 
 def read_marker(path: str | Path) -> dict[str, Any] | None:
@@ -62,6 +53,6 @@ def verify(path: str | Path) -> str | None:
         size = file.stat().st_size
         if size != want.get("size"):
             return f"{name} has {size} bytes, the manifest says {want.get('size')} (truncated or replaced)"
-        if file_digest(file) != want.get("sha256"):
+        if file_hash(file) != want.get("sha256"):
             return f"{name} does not match its sha256 in the manifest (the file is corrupt)"
     return None
