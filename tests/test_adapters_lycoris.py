@@ -143,10 +143,13 @@ def test_only_adapter_params_train_and_base_stays_bit_identical(tmp_path):
         assert torch.equal(v, base[k]), k
 
 
-def comfy_lokr_delta(sd: dict, prefix: str, shape) -> torch.Tensor:
+def comfy_lokr_delta(sd: dict, prefix: str, shape, full_matrix_scaled: bool = False) -> torch.Tensor:
     """ComfyUI's comfy/weight_adapter/lokr.py calculate_weight, reimplemented: alpha/dim is applied
-    only when a factor is low-rank (dim from w1_b or w2_b), else the scale is 1."""
+    when a factor is low-rank (dim from w1_b or w2_b), else the scale is 1. `full_matrix_scaled`: the
+    newer Comfy-Org/ComfyUI 839df9f rule, where a full-matrix module also gets alpha / (w2.out // w1.out)."""
     w1, w2, dim = sd.get(f"{prefix}.lokr_w1"), sd.get(f"{prefix}.lokr_w2"), None
+    if full_matrix_scaled and w1 is not None and w2 is not None:
+        dim = w2.shape[0] // w1.shape[0]
     if w1 is None:
         dim = sd[f"{prefix}.lokr_w1_b"].shape[0]
         w1 = sd[f"{prefix}.lokr_w1_a"] @ sd[f"{prefix}.lokr_w1_b"]

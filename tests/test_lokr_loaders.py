@@ -10,27 +10,11 @@ import pytest
 import torch
 from lycoris import create_lycoris_from_weights
 from safetensors.torch import load_file
-from test_adapters_lycoris import DECOMPOSED, FULL, lycoris_cfg, perturb
+from test_adapters_lycoris import DECOMPOSED, FULL, comfy_lokr_delta, lycoris_cfg, perturb
 from tiny_flux import flux_inputs, run, tiny_flux
 
 from tunegraph.trainer.adapters import attach_adapter
 from tunegraph.trainer.adapters.lycoris import reset_lycoris_presets
-
-
-def newer_comfy_delta(sd: dict, prefix: str, shape) -> torch.Tensor:
-    """Comfy-Org/ComfyUI 839df9f LoKrAdapter.calculate_weight: a full-matrix module also gets
-    alpha / (w2.shape[0] // w1.shape[0]); a low-rank factor gets alpha / its rank; no alpha: 1."""
-    w1, w2 = sd.get(f"{prefix}.lokr_w1"), sd.get(f"{prefix}.lokr_w2")
-    dim = None if w1 is None or w2 is None else w2.shape[0] // w1.shape[0]
-    if w1 is None:
-        dim = sd[f"{prefix}.lokr_w1_b"].shape[0]
-        w1 = sd[f"{prefix}.lokr_w1_a"] @ sd[f"{prefix}.lokr_w1_b"]
-    if w2 is None:
-        dim = sd[f"{prefix}.lokr_w2_b"].shape[0]
-        w2 = sd[f"{prefix}.lokr_w2_a"] @ sd[f"{prefix}.lokr_w2_b"]
-    alpha = sd.get(f"{prefix}.alpha")
-    scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
-    return torch.kron(w1, w2).reshape(shape) * scale
 
 
 @pytest.mark.parametrize("lyco", [FULL, DECOMPOSED], ids=["full_matrix", "decomposed"])
@@ -55,5 +39,5 @@ def test_lycoris_and_newer_comfyui_read_the_file_as_trained(tmp_path, lyco) -> N
     for name in adapter.wrapped_module_names:
         layer = model.get_submodule(name)
         added = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
-        delta = newer_comfy_delta(sd, "lycoris_" + name.replace(".", "_"), layer.weight.shape)
+        delta = comfy_lokr_delta(sd, "lycoris_" + name.replace(".", "_"), layer.weight.shape, True)
         torch.testing.assert_close(x @ delta.T, added, rtol=1e-5, atol=1e-6)
