@@ -6,10 +6,13 @@ summary `tunegraph cache --json` prints; `build_training_data` returns the sampl
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..data.backends import Backends, DatasetSpec, load_backends
 from ..data.discovery import Discovery, discover
@@ -18,7 +21,11 @@ from ..data.sizing import check_dataset_size
 from ..errors import DatasetError
 from ..training.phases import offloaded
 from .latents import LatentItem, cache_latents, plan_latents
+from .ondemand import OnDemandLatents
+from .store import load_tensors
 from .text_embeds import cache_text_embeds
+
+log = logging.getLogger("tunegraph")
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class CachedItem:
     latent_path: Path
     bucket: str  # "WxH" in pixels
     captions: tuple[str, ...]
+    source: LatentItem | None = None  # image + plan, for latents encoded on demand (ondemand.py)
 
 
 @dataclass
@@ -41,6 +49,13 @@ class CachedData:
     datasets: list[CachedDataset]
     text_paths: dict[str, Path]
     summary: dict = field(default_factory=dict)
+    encoder: OnDemandLatents | None = None  # set when a dataset has vae_cache_ondemand
+
+    def latents(self, items: list[CachedItem]) -> torch.Tensor:
+        """[B, C, h, w]: read from the cache (encoded first where a dataset is on demand)."""
+        if self.encoder is not None:
+            return self.encoder.latents(items)
+        return torch.stack([load_tensors(item.latent_path)["latents"] for item in items])
 
 
 def _setting(cfg: Any, name: str, default: int) -> int:
@@ -89,18 +104,37 @@ def _plan_all(backends: Backends, cfg: Any, vae_id: str) -> list[tuple[Discovery
     return planned
 
 
+def _on_demand(
+    encoder: OnDemandLatents, items: list[LatentItem], spec: DatasetSpec, progress: bool
+) -> tuple[int, int, dict[str, str]]:
+    """(cached, reused, failed) for a vae_cache_ondemand dataset: nothing is encoded now."""
+    failed = encoder.add(items, progress=progress, desc=f"checking images {spec.id}")
+    keys = {item.key for item in items}
+    later = len(keys & encoder.pending)
+    log.info(
+        "dataset '%s': vae_cache_ondemand: no latents are encoded now; %d will be encoded when a batch "
+        "first draws them (and written to %s), %d are cached already",
+        spec.id, later, spec.cache_dir_vae, len(keys) - later - len(failed),
+    )  # fmt: skip
+    return 0, len(keys) - later - len(failed), failed
+
+
 def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progress: bool = True) -> CachedData:
     """Discover, check and cache everything the config's datasets need; return what training reads."""
     backends = backends or load_backends(cfg)
     vae_batch = _setting(cfg, "vae_batch_size", 4)
     startup = bool(getattr(cfg, "offload_during_startup", False))  # one big component on the device at a time
-    datasets, reports = [], []
+    datasets, reports, encoder = [], [], None
     for found, items in _plan_all(backends, cfg, str(model.vae_id)):
         spec = found.spec
-        with offloaded(getattr(model, "text_encoders", []), startup):
-            cached, reused, failed = cache_latents(
-                items, model, vae_batch, progress=progress, desc=f"latents {spec.id}"
-            )
+        if spec.vae_cache_ondemand:  # SimpleTuner skips the VAE cache at startup (ondemand.py)
+            encoder = encoder or OnDemandLatents(model)
+            cached, reused, failed = _on_demand(encoder, items, spec, progress)
+        else:
+            with offloaded(getattr(model, "text_encoders", []), startup):
+                cached, reused, failed = cache_latents(
+                    items, model, vae_batch, progress=progress, desc=f"latents {spec.id}"
+                )
         for item in items:
             if item.key in failed:
                 found.skip(item.record.path, failed[item.key])
@@ -108,7 +142,7 @@ def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progres
         if failed:
             _check_size(spec, items, cfg, found)
         datasets.append(
-            CachedDataset(spec, [CachedItem(i.path, i.plan.bucket, i.record.captions) for i in items])
+            CachedDataset(spec, [CachedItem(i.path, i.plan.bucket, i.record.captions, i) for i in items])
         )
         reports.append(
             {
@@ -119,6 +153,11 @@ def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progres
                 "buckets": _buckets(items),
                 "latents_cached": cached,
                 "latents_reused": reused,
+                **(
+                    {"latents_on_demand": len(encoder.pending & {i.key for i in items})}
+                    if spec.vae_cache_ondemand
+                    else {}
+                ),
             }
         )
     captions = [c for d in datasets for item in d.items for c in item.captions]
@@ -127,7 +166,7 @@ def prepare_caches(cfg: Any, model, *, backends: Backends | None = None, progres
             captions, model, backends.text_embeds, progress=progress
         )
     summary = {"datasets": reports, "text_embeds": {"cached": text_cached, "reused": text_reused}}
-    return CachedData(datasets, text_paths, summary)
+    return CachedData(datasets, text_paths, summary, encoder)
 
 
 def build_caches(cfg: Any, model, *, progress: bool = True) -> dict:

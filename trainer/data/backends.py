@@ -40,7 +40,7 @@ IMAGE_KEYS = _COMMON | {
     "only_instance_prompt", "disable_multiline_split", "crop", "crop_aspect", "crop_aspect_buckets",
     "crop_style", "resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
     "target_downsample_size", "repeats", "is_regularisation_data", "is_regularization_data",
-    "cache_dir_vae", "probability", "skip_file_discovery", "metadata_backend",
+    "cache_dir_vae", "probability", "skip_file_discovery", "metadata_backend", "vae_cache_ondemand",
 }  # fmt: skip
 TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size", "text_encoder_batch_size"}
 # issue 15: every other real SimpleTuner dataset key (trainer/simpletuner_options.json) is accepted;
@@ -72,6 +72,7 @@ class DatasetSpec:
     is_regularisation_data: bool = False
     probability: float = 1.0
     cache_dir_vae: Path = Path("cache/vae")
+    vae_cache_ondemand: bool = False  # latents encoded when a batch draws them (cache/ondemand.py)
     source: str = "<multidatabackend>"
     tried_dirs: tuple[Path, ...] = field(default=(), compare=False)
 
@@ -239,6 +240,9 @@ def _image_spec(entry: _Entry, cfg: Any, base_dir: Path | None) -> DatasetSpec:
         is_regularisation_data=regularisation,
         probability=probability,
         cache_dir_vae=Path(e.get("cache_dir_vae", coerce.to_str, str(vae_default))),
+        # SimpleTuner (v4.6+): the config's key applies to every dataset, the entry's to its own
+        vae_cache_ondemand=bool(_cfg(cfg, "vae_cache_ondemand", False))
+        or e.get("vae_cache_ondemand", coerce.to_bool, False),
         source=e.source,
         tried_dirs=tried,
     )

@@ -21,9 +21,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..cache.store import load_tensors
 from ..cache.text_embeds import load_embeds
 from ..errors import DatasetError, TrainingError
 
@@ -192,7 +189,7 @@ class TrainingData:
             embeds = load_embeds([self.cached.text_paths[item.captions[0]]])
             out.append(
                 {
-                    "latents": load_tensors(item.latent_path)["latents"],
+                    "latents": self.cached.latents([item])[0],
                     "embeds": {k: v[0] for k, v in embeds.items()},
                 }
             )
@@ -210,9 +207,8 @@ class TrainingData:
         if self.world_size > 1:
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
             items, captions = items[mine], captions[mine]
-        latents = torch.stack([load_tensors(item.latent_path)["latents"] for _, item in items])
         return {
-            "latents": latents,
+            "latents": self.cached.latents([item for _, item in items]),
             "embeds": load_embeds([self.cached.text_paths[c] for c in captions]),
             "captions": captions,
             "dataset_ids": [ds.spec.id for ds, _ in items],

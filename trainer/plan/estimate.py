@@ -2,7 +2,8 @@
 
 The phases follow "memory by phase" (issue 13): the transformer is loaded and (if asked) quantised,
 the text encoders and VAE are on the device only while the cache is filled and the VAE again while
-validation decodes (validation prompts are encoded with the cache). Measured or exact: frozen
+validation decodes (validation prompts are encoded with the cache), unless keep_vae_loaded or
+vae_cache_ondemand keep the VAE on the device; on demand, latents are also encoded between steps. Measured or exact: frozen
 weights (file headers / meta-built model), adapter parameters and their gradients (the adapter
 built on fake tensors), optimizer state (per optimizer, checked on CPU), activations (fake-tensor
 forward, activations.py). Estimated, marked so: quantised scales (weights.QUANT_BYTES),
@@ -209,9 +210,12 @@ def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
             note=f"batch {inp.batch} at {inp.bucket_px[0]}x{inp.bucket_px[1]}, "
             f"checkpointing {'on' if inp.checkpointing else 'off'}",
         ),
-        Part("text encoders + VAE (host RAM)", host=enc + vae),
         host_parked,
     ]
+    if inp.vae_in_training:  # keep_vae_loaded / vae_cache_ondemand: on the device all the run
+        train_parts[6:6] = [Part("VAE (kept on the device)", vae), Part("text encoders (host RAM)", host=enc)]
+    else:
+        train_parts.insert(6, Part("text encoders + VAE (host RAM)", host=enc + vae))
     if inp.use_ema:
         train_parts.insert(5, Part("EMA copy of the adapter", adapter))
     val_batch = 2 if inp.validation_cfg else 1
@@ -246,7 +250,18 @@ def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
         "group_offload": dict(inp.group_offload) or None,
         "target": target,
     }
-    return MemoryPlan(inp, [load, cache, Phase("training step", train_parts), validation], act, settings)
+    phases = [load, cache, Phase("training step", train_parts), validation]
+    if inp.vae_encodes_in_training:
+        phases.insert(3, _encode_in_training(train_parts, inp))
+    return MemoryPlan(inp, phases, act, settings)
+
+
+def _encode_in_training(train_parts: list[Part], inp: PlanInputs) -> Phase:
+    """vae_cache_ondemand: a batch's latents are encoded between steps, with everything the step
+    keeps (weights, adapter, gradients, optimizer state, VAE) resident but not its activations."""
+    kept = [p for p in train_parts if p.name != "activations"]
+    work = _vae_working(inp.bucket_px, inp.batch, inp)
+    return Phase("on-demand VAE encode", [*kept, Part("VAE encode working memory (estimate)", work)])
 
 
 def dtype_name(dtype: torch.dtype) -> str:

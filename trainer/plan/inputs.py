@@ -43,6 +43,8 @@ class PlanInputs:
     vae_channels: int = 128  # the VAE's full-resolution width (its working memory scales with it)
     validation_px: tuple[int, int] = (1024, 1024)
     validation_cfg: bool = False  # real CFG doubles the validation batch
+    vae_in_training: bool = False  # keep_vae_loaded or vae_cache_ondemand: the VAE stays on the device
+    vae_encodes_in_training: bool = False  # vae_cache_ondemand: latents are encoded between steps
     sources: dict[str, str] = field(default_factory=dict)  # where each size came from
 
     def with_changes(self, **changes: Any) -> PlanInputs:
@@ -139,6 +141,20 @@ def _bucket(cfg: Any) -> tuple[int, int]:
     return edge, edge
 
 
+def _on_demand(cfg: Any) -> bool:
+    """vae_cache_ondemand in config.json, or on any enabled dataset (cache/ondemand.py)."""
+    if getattr(cfg, "vae_cache_ondemand", False):
+        return True
+    if not getattr(cfg, "data_backend_config", None):
+        return False
+    try:
+        from ..data.backends import load_backends
+
+        return any(s.vae_cache_ondemand for s in load_backends(cfg).datasets)
+    except (TuneGraphError, OSError):
+        return False
+
+
 def _validation_px(cfg: Any) -> tuple[int, int]:
     """The largest validation_resolution entry ("1024", "1024x768", comma lists)."""
     sizes = []
@@ -173,6 +189,7 @@ def plan_inputs(cfg: Any) -> PlanInputs:
     sources: dict[str, str] = {}
     config, t_params, encoders, vae, vae_width = _sizes(cfg, family, flavour, sources)
     tokens = 32 if flavour == "tiny" else text_tokens(family, flavour)
+    on_demand = _on_demand(cfg)
     encoder_precisions = [
         check_precision(
             getattr(cfg, f"text_encoder_{i + 1}_precision", None), f"text_encoder_{i + 1}_precision"
@@ -200,5 +217,7 @@ def plan_inputs(cfg: Any) -> PlanInputs:
         quantize_via=cfg.quantize_via or "accelerator",
         validation_px=_validation_px(cfg),
         validation_cfg=bool(family_cls.guidance_is_cfg or (cfg.validation_guidance_real or 1.0) > 1.0),
+        vae_in_training=on_demand or bool(cfg.keep_vae_loaded),
+        vae_encodes_in_training=on_demand,
         sources=sources,
     )

@@ -10,7 +10,8 @@ transformer, prompt embeddings looked up from that table, and the VAE only for v
 - A model handed in (a node's, which ComfyUI keeps for later nodes) keeps them, moved to the CPU
   for the run and put back afterwards (`TrainingView.close`).
 - The VAE waits on the CPU between validations unless `keep_vae_loaded` (SimpleTuner's key) keeps
-  it on the device; `offload_during_startup` keeps the text encoders on the CPU while latents are
+  it on the device, or a dataset encodes its latents during training (`vae_cache_ondemand`: the VAE
+  stays on the device, as in SimpleTuner); `offload_during_startup` keeps the text encoders on the CPU while latents are
   cached and the VAE on the CPU while prompts are encoded.
 """
 
@@ -111,16 +112,23 @@ class TrainingView:
 
 
 def training_view(
-    cfg: Any, model: Any, instance_prompt: str | None, *, owned: bool, text_paths: dict | None = None
+    cfg: Any,
+    model: Any,
+    instance_prompt: str | None,
+    *,
+    owned: bool,
+    text_paths: dict | None = None,
+    encodes_latents: bool = False,
 ) -> TrainingView:
     """The view of `model` the training loop uses; `owned` says nobody else holds `model` (its text
-    encoders may be freed); `text_paths` (caption -> cached embedding file) answers for captions."""
+    encoders may be freed); `text_paths` (caption -> cached embedding file) answers for captions;
+    `encodes_latents` (vae_cache_ondemand) keeps the VAE on the device for the whole run."""
     validating = needs_validation(cfg)
     table = encode_validation_prompts(cfg, model, instance_prompt) if validating else {}
     view = copy.copy(model)
     view.text_encoders = []
     view.encode_prompts = PromptTable(table, model.device, None if owned else model, text_paths)
-    keep_vae = bool(getattr(cfg, "keep_vae_loaded", False))
+    keep_vae = bool(getattr(cfg, "keep_vae_loaded", False)) or encodes_latents
     view.decode_latents = _decode_with_vae_on_device(view, keep_vae)
     restore: list[tuple[torch.nn.Module, torch.device]] = []
     if not owned:  # the owner keeps them: off the training device for the run, back afterwards

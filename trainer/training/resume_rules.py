@@ -7,8 +7,8 @@ who resumes it with an edited config expects the edit to count, or to be told it
   checkpoint *is*. The model (model_type, model_family, model_flavour, the model paths, revision,
   tiny_model_seed, every precision key, mixed_precision); the adapter (lora_type, the lycoris_config
   file's contents, lora_rank, lora_alpha, lora_dropout, flux_lora_target, lora_init_type,
-  init_lokr_norm); the data (the data_backend_config file's datasets, except where their caches
-  live; resolution and the other image, bucket and caption keys; seed, which fixes the data order
+  init_lokr_norm); the data (the data_backend_config file's datasets, except where and when
+  their caches are filled; resolution and the other image, bucket and caption keys; seed, which fixes the data order
   and noise the checkpoint continues); the optimizer (its saved moments belong to one algorithm). To change
   one, resume with the checkpoint's values (its `state.json` holds them) or train afresh in another
   output_dir.
@@ -57,7 +57,10 @@ DATA = (
 )  # fmt: skip
 FIXED = frozenset((*MODEL, *ADAPTER, *DATA, "optimizer"))
 NOT_COMPARED = frozenset(("output_dir", "resume_from_checkpoint", "lycoris_config", "data_backend_config"))
-CACHE_KEYS = frozenset(("cache_dir", "cache_dir_vae", "cache_dir_text", "write_batch_size", "vae_batch_size"))
+CACHE_KEYS = frozenset((
+    "cache_dir", "cache_dir_vae", "cache_dir_text", "write_batch_size", "vae_batch_size",
+    "vae_cache_ondemand",  # when latents are encoded, not what they are (cache/ondemand.py)
+))  # fmt: skip
 
 
 def _file(cfg: Any, key: str) -> Any:

@@ -168,6 +168,7 @@ def prepare_run(cfg, model=None, data=None) -> Run:
         getattr(data, "instance_prompt", None),
         owned=owned,
         text_paths=getattr(cached, "text_paths", None),
+        encodes_latents=getattr(cached, "encoder", None) is not None,  # vae_cache_ondemand
     )
     model = view.model  # an owned model's text encoders lose their last reference here
     gc.collect()

@@ -1,0 +1,179 @@
+"""SimpleTuner's `vae_cache_ondemand` (trainer/cache/ondemand.py): no latent is encoded at startup;
+a batch's latents are encoded when it is drawn and written to the VAE cache for later visits; the
+VAE stays loaded; the text-embed cache works as before; resume stays bit-exact."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tunegraph.trainer.cli import main
+from tunegraph.trainer.commands.demo import write_demo_config
+from tunegraph.trainer.config import TrainConfig, load_config
+from tunegraph.trainer.config_notes import key_groups
+from tunegraph.trainer.plan.check import plan_for
+from tunegraph.trainer.training.loop import train
+
+TINY = {"validation_prompt": None, "eval_steps_interval": None, "checkpoint_step_interval": None}
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """The demo's 8 images plus one truncated JPEG that only decoding finds (verify() passes)."""
+    config = write_demo_config(tmp_path_factory.mktemp("ondemand"), steps=4)
+    data = config.parent.parent / "data"
+    buf = io.BytesIO()
+    Image.effect_noise((96, 96), 50).convert("RGB").save(buf, "JPEG", quality=90)
+    (data / "broken.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # pixels cut off
+    (data / "broken.txt").write_text("a broken image\n")
+    return config
+
+
+def run_config(demo: Path, where: Path, *, entry: dict | None = None, **overrides) -> TrainConfig:
+    """The demo config with its own VAE and text caches under `where` (entry: dataset key changes)."""
+    backends = json.loads((demo.parent / "multidatabackend.json").read_text())
+    backends[0].update(cache_dir_vae=str(where / "vae"), **(entry or {}))
+    backends[1]["cache_dir"] = str(where / "text")
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "multidatabackend.json").write_text(json.dumps(backends))
+    keys = {
+        **TINY,
+        "output_dir": str(where / "out"),
+        "data_backend_config": str(where / "multidatabackend.json"),
+    }
+    return load_config(demo, {**keys, **overrides})
+
+
+def latents(where: Path) -> dict[str, torch.Tensor]:
+    return {p.name: load_file(str(p))["latents"] for p in sorted((where / "vae").glob("*.safetensors"))}
+
+
+def losses(where: Path) -> list[float]:
+    rows = [json.loads(x) for x in (where / "out" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_cache_command_skips_latents_and_caches_text(demo: Path, tmp_path: Path, capsys, caplog) -> None:
+    """`tunegraph cache` with the option on: as SimpleTuner, no VAE cache pass; text embeds cached."""
+    run_config(demo, tmp_path)  # writes tmp_path/multidatabackend.json
+    config = tmp_path / "config.json"
+    keys = {"data_backend_config": str(tmp_path / "multidatabackend.json"), "vae_cache_ondemand": True}
+    keys["lycoris_config"] = str(demo.parent / "lycoris_config.json")
+    config.write_text(json.dumps({**json.loads(demo.read_text()), **keys}))
+    with caplog.at_level(logging.INFO, logger="tunegraph"):
+        assert main(["cache", "--config", str(config), "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["datasets"]
+    assert (report["latents_cached"], report["latents_on_demand"], report["images_used"]) == (0, 8, 8)
+    assert not list(tmp_path.glob("vae/*"))
+    assert len(list((tmp_path / "text").glob("*.safetensors"))) == 9  # 8 captions + "" for dropout
+    said = "vae_cache_ondemand: no latents are encoded now; 8 will be encoded when a batch first draws them"
+    assert any(said in r.getMessage() for r in caplog.records)
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_at_2(step, total, record):
+    if step == 2:
+        raise Stop
+
+
+@pytest.fixture(scope="module")
+def runs(demo: Path, tmp_path_factory) -> dict:
+    """4 steps of 2 images (one epoch) cached as usual, the same with config.json's key, and the
+    dataset entry's key (SimpleTuner v4.6+) stopped at step 2 then resumed."""
+    root = tmp_path_factory.mktemp("runs")
+    out: dict = {"root": root}
+    out["cached"] = train(run_config(demo, root / "cached"), progress=False)
+    with _capture() as records:
+        out["on"] = train(run_config(demo, root / "on", vae_cache_ondemand=True), progress=False)
+    out["on_log"] = [r.getMessage() for r in records]
+    entry = {"vae_cache_ondemand": True}
+    with pytest.raises(Stop):
+        cfg = run_config(demo, root / "cut", entry=entry)
+        train(cfg, on_step=_stop_at_2, interrupt_types=(Stop,), progress=False)
+    out["at_stop"] = latents(root / "cut")
+    resume = run_config(demo, root / "cut", entry=entry, resume_from_checkpoint="latest")
+    out["resumed"] = train(resume, progress=False)
+    return out
+
+
+class _capture(logging.Handler):
+    def __enter__(self) -> list[logging.LogRecord]:
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger("tunegraph")
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_ondemand_trains_on_the_latents_the_cache_holds(runs: dict) -> None:
+    root = runs["root"]
+    # corrupt images are skipped and counted exactly as the startup cache skips them
+    (on,), (cached,) = runs["on"]["cache"]["datasets"], runs["cached"]["cache"]["datasets"]
+    assert on["skipped"] == cached["skipped"] and len(on["skipped"]) == 1
+    assert "cannot decode image" in on["skipped"][0]["reason"]
+    assert (on["latents_cached"], on["latents_on_demand"], cached["latents_cached"]) == (0, 8, 8)
+    # one epoch drew every image: each was encoded when drawn and written under the cache's own key
+    written, full = latents(root / "on"), latents(root / "cached")
+    assert written.keys() == full.keys() and len(full) == 8
+    # The same mode of the same pixels; a VAE call of 1 image and one of several round differently
+    # on CPU (~7e-7), which is also all a different vae_batch_size changes in the startup cache.
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, full[name], rtol=0, atol=1e-5, msg=name)
+    assert losses(root / "on") == pytest.approx(losses(root / "cached"), rel=1e-5, abs=0)
+    assert any("VAE kept on the device" in m for m in runs["on_log"])
+
+
+def test_dataset_key_alone_and_resume_bit_exact(runs: dict) -> None:
+    """Stopped at step 2 only the images drawn so far had latents; the resumed run read those and
+    encoded the rest when drawn, and ends bit-exact with the uninterrupted run."""
+    root = runs["root"]
+    assert 2 <= len(runs["at_stop"]) <= 4  # 2 steps x 2 images: on demand, not at startup
+    assert runs["resumed"]["resumed_from"].endswith("checkpoint-2")
+    assert runs["resumed"]["cache"]["datasets"][0]["latents_on_demand"] == 8 - len(runs["at_stop"])
+    assert latents(root / "cut").keys() == latents(root / "on").keys()
+    a = load_file(str(root / "on" / "out" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(root / "cut" / "out" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(root / "cut") == losses(root / "on")
+
+
+def test_memory_plan_counts_the_vae_during_training(demo: Path, tmp_path: Path) -> None:
+    off = plan_for(run_config(demo, tmp_path), "cpu")
+    on = plan_for(run_config(demo, tmp_path, entry={"vae_cache_ondemand": True}), "cpu")
+    step = {p.name: p for p in on.phases}
+    vae = on.inputs.vae_params * on.inputs.dtype_bytes
+    assert step["training step"].device - {p.name: p for p in off.phases}["training step"].device == vae
+    encode = step["on-demand VAE encode"]
+    parts = {p.name: p.device for p in encode.parts}
+    assert parts["VAE (kept on the device)"] == vae and "activations" not in parts
+    assert parts["VAE encode working memory (estimate)"] == 3 * 64 * 64 * on.inputs.vae_channels * 4 * 2
+    assert "on-demand VAE encode" not in {p.name for p in off.phases}
+
+
+def test_option_is_implemented_not_warned() -> None:
+    assert not TrainConfig.from_dict({"vae_cache_ondemand": True}, source="config.json").warnings
+    assert "vae_cache_ondemand" not in key_groups()["not_implemented"]
+    readme = README.read_text(encoding="utf-8")
+    not_acted = readme[readme.index("#### SimpleTuner keys TuneGraph does not act on") :]
+    not_implemented = not_acted[not_acted.index("- Not implemented") : not_acted.index("- No effect")]
+    assert "vae_cache_ondemand" not in not_implemented
+    assert "`vae_cache_ondemand`" in not_acted[not_acted.index("- Implemented since issue 15") :]

@@ -1,0 +1,93 @@
+"""SimpleTuner's `vae_cache_ondemand`: latents encoded when a batch draws their image, not at startup.
+
+What SimpleTuner does (helpers/caching/vae.py `VAECache.encode_images`, training/collate.py
+`compute_latents`, identical from v0.9.8.3 to v4.8.0): at startup the VAE cache is not filled; when a
+batch is collated, each image whose latent file is missing is loaded, cropped/bucketed as for the
+cache, encoded, and its latent *written to the dataset's VAE cache*, so later visits read it; the VAE
+stays loaded on the device for the whole run (trainer.py `init_unload_vae` returns early).
+
+TuneGraph does the same with its own cache: the same key, plan and file as a startup cache, so an
+on-demand run and a cached run train on the same latents (the posterior mode, see models/base.py;
+SimpleTuner draws one posterior sample per image in both paths and caches that). Images that cannot
+be decoded are found at startup (decoded, not encoded) and skipped and counted as the cache skips them,
+so the epoch plan never changes mid-run and a resumed run stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..data.transforms import prepare_pixels
+from ..errors import TrainingError
+from .latents import LatentItem, latent_shape, same_size_batches
+from .store import load_tensors, save_tensors, usable
+
+
+class OnDemandLatents:
+    """Latents for training batches: read from the cache, or (on-demand items) encoded and written
+    first. `encoded` counts the latents this run encoded, `read` those it read from disk."""
+
+    def __init__(self, model: Any):
+        # The VAE and device only: a view without text encoders, so holding it never keeps them alive.
+        self.model = copy.copy(model)
+        self.model.text_encoders = []
+        self.pending: set[str] = set()  # keys to encode when first drawn
+        self.encoded = 0
+        self.read = 0
+
+    def add(self, items: list[LatentItem], *, progress: bool = True, desc: str = "") -> dict[str, str]:
+        """Take a dataset's items: those without a usable cached latent are decoded now (not encoded)
+        and become pending; returns key -> reason for those that cannot be decoded (the startup
+        cache's reason), which the caller skips."""
+        unique = {i.key: i for i in items}.values()
+        todo = [i for i in unique if not usable(i.path, latent_shape(self.model, i))]
+        failed: dict[str, str] = {}
+        for item in tqdm(todo, desc=desc, unit="img", file=sys.stderr, disable=not progress or not todo):
+            try:
+                prepare_pixels(item.record.path, item.plan)
+            except Exception as e:  # truncated / undecodable files are skipped, never fatal
+                failed[item.key] = f"cannot decode image: {e}"
+        self.pending |= {i.key for i in todo if i.key not in failed}
+        return failed
+
+    def latents(self, items: list[Any]) -> torch.Tensor:
+        """[B, C, h, w] for `items` (build.CachedItem); pending ones are encoded now, one VAE call per
+        image size, and written to the cache; every latent is then read from its cache file."""
+        missing = {
+            i.source.key: i.source for i in items if i.source is not None and i.source.key in self.pending
+        }
+        for batch in same_size_batches(list(missing.values()), max(1, len(missing))):
+            self._encode(batch)
+        self.read += len(items) - len(missing)
+        return torch.stack([load_tensors(i.latent_path)["latents"] for i in items])
+
+    def _encode(self, batch: list[LatentItem]) -> None:
+        try:
+            pixels = torch.stack([prepare_pixels(item.record.path, item.plan) for item in batch])
+        except Exception as e:  # decodable at startup: the file changed while training ran
+            raise TrainingError(
+                f"vae_cache_ondemand: an image of this batch cannot be decoded any more ({e}); it was "
+                f"readable when the run started ({', '.join(_names(batch))}); restore it and resume"
+            ) from None
+        with torch.no_grad():
+            latents = self.model.encode_images(pixels)
+        for item, latent in zip(batch, latents, strict=True):
+            if not bool(torch.isfinite(latent).all()):
+                raise TrainingError(
+                    f"vae_cache_ondemand: the VAE produced NaN/Inf for {item.record.path}; remove the "
+                    "image, or turn vae_cache_ondemand off so that caching skips it"
+                )
+            meta = {"kind": "latents", "vae_id": str(self.model.vae_id), "size": item.plan.bucket}
+            save_tensors(item.path, {"latents": latent}, meta)
+            self.pending.discard(item.key)
+        self.encoded += len(batch)
+
+
+def _names(batch: list[LatentItem]) -> list[str]:
+    return [Path(item.record.path).name for item in batch]
