@@ -44,7 +44,7 @@ def plan_latents(discovery: Discovery, seed: int, vae_id: str) -> list[LatentIte
     return items
 
 
-def same_size_batches(items: list[LatentItem], batch_size: int) -> list[list[LatentItem]]:
+def _batches(items: list[LatentItem], batch_size: int) -> list[list[LatentItem]]:
     """Same-size chunks of at most batch_size (the VAE encodes one shape per call)."""
     by_size: dict[tuple[int, int], list[LatentItem]] = defaultdict(list)
     for item in items:
@@ -96,7 +96,7 @@ def cache_latents(
     with tqdm(
         total=len(missing), desc=desc, unit="img", file=sys.stderr, disable=not progress or not missing
     ) as bar:
-        for batch in same_size_batches(missing, max(1, batch_size)):
+        for batch in _batches(missing, max(1, batch_size)):
             try:
                 cached += _encode_batch(model, batch, failed)
             except DiskFullError as e:  # say how much the rest needs; what was written stays

@@ -10,14 +10,16 @@ TuneGraph does the same with its own cache: the same key, plan and file as a sta
 on-demand run and a cached run train on the same latents (the posterior mode, see models/base.py;
 SimpleTuner draws one posterior sample per image in both paths and caches that). Images that cannot
 be decoded are found at startup (decoded, not encoded) and skipped and counted as the cache skips them,
-so the epoch plan never changes mid-run and a resumed run stays bit-exact.
+so the epoch plan never changes mid-run. Each image is encoded in a VAE call of its own: a batched
+convolution rounds differently with 1 image than with several (~7e-7 on CPU), so this way a latent
+is one function of its image, whichever batch, process (DDP ranks may both write an entry: the same
+bytes) or resumed run encodes it, and a resumed run stays bit-exact with an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,21 +27,18 @@ from tqdm import tqdm
 
 from ..data.transforms import prepare_pixels
 from ..errors import TrainingError
-from .latents import LatentItem, latent_shape, same_size_batches
+from .latents import LatentItem, latent_shape
 from .store import load_tensors, save_tensors, usable
 
 
 class OnDemandLatents:
-    """Latents for training batches: read from the cache, or (on-demand items) encoded and written
-    first. `encoded` counts the latents this run encoded, `read` those it read from disk."""
+    """Latents for training batches: read from the cache, encoded and written first where pending."""
 
     def __init__(self, model: Any):
         # The VAE and device only: a view without text encoders, so holding it never keeps them alive.
         self.model = copy.copy(model)
         self.model.text_encoders = []
         self.pending: set[str] = set()  # keys to encode when first drawn
-        self.encoded = 0
-        self.read = 0
 
     def add(self, items: list[LatentItem], *, progress: bool = True, desc: str = "") -> dict[str, str]:
         """Take a dataset's items: those without a usable cached latent are decoded now (not encoded)
@@ -57,37 +56,29 @@ class OnDemandLatents:
         return failed
 
     def latents(self, items: list[Any]) -> torch.Tensor:
-        """[B, C, h, w] for `items` (build.CachedItem); pending ones are encoded now, one VAE call per
-        image size, and written to the cache; every latent is then read from its cache file."""
-        missing = {
-            i.source.key: i.source for i in items if i.source is not None and i.source.key in self.pending
-        }
-        for batch in same_size_batches(list(missing.values()), max(1, len(missing))):
-            self._encode(batch)
-        self.read += len(items) - len(missing)
+        """[B, C, h, w] for `items` (build.CachedItem); pending ones are encoded now and written to
+        the cache; every latent is then read from its cache file."""
+        for item in items:
+            if item.source is not None and item.source.key in self.pending:
+                self._encode(item.source)
         return torch.stack([load_tensors(i.latent_path)["latents"] for i in items])
 
-    def _encode(self, batch: list[LatentItem]) -> None:
+    def _encode(self, item: LatentItem) -> None:
+        """One image per VAE call (see the module docstring), written to the cache."""
         try:
-            pixels = torch.stack([prepare_pixels(item.record.path, item.plan) for item in batch])
+            pixels = prepare_pixels(item.record.path, item.plan)
         except Exception as e:  # decodable at startup: the file changed while training ran
             raise TrainingError(
-                f"vae_cache_ondemand: an image of this batch cannot be decoded any more ({e}); it was "
-                f"readable when the run started ({', '.join(_names(batch))}); restore it and resume"
+                f"vae_cache_ondemand: {item.record.path} cannot be decoded any more ({e}); it was readable "
+                "when the run started: restore it and resume"
             ) from None
         with torch.no_grad():
-            latents = self.model.encode_images(pixels)
-        for item, latent in zip(batch, latents, strict=True):
-            if not bool(torch.isfinite(latent).all()):
-                raise TrainingError(
-                    f"vae_cache_ondemand: the VAE produced NaN/Inf for {item.record.path}; remove the "
-                    "image, or turn vae_cache_ondemand off so that caching skips it"
-                )
-            meta = {"kind": "latents", "vae_id": str(self.model.vae_id), "size": item.plan.bucket}
-            save_tensors(item.path, {"latents": latent}, meta)
-            self.pending.discard(item.key)
-        self.encoded += len(batch)
-
-
-def _names(batch: list[LatentItem]) -> list[str]:
-    return [Path(item.record.path).name for item in batch]
+            (latent,) = self.model.encode_images(pixels[None])
+        if not bool(torch.isfinite(latent).all()):
+            raise TrainingError(
+                f"vae_cache_ondemand: the VAE produced NaN/Inf for {item.record.path}; remove the image, "
+                "or turn vae_cache_ondemand off so that caching skips it"
+            )
+        meta = {"kind": "latents", "vae_id": str(self.model.vae_id), "size": item.plan.bucket}
+        save_tensors(item.path, {"latents": latent}, meta)
+        self.pending.discard(item.key)
