@@ -1,7 +1,7 @@
 """Everything checkable from the config files and the dataset folders, before any weight is loaded
 or any cache entry written: keys and paths, the model flavour, adapter targets against the family's
 module names (its transformer built on the meta device), every dataset's images, buckets and size,
-and each bucket against the model's positional limit. `tunegraph check` prints what it finds;
+and each bucket and validation resolution against the model's positional limit. `tunegraph check` prints what it finds;
 training runs the same checks first, so a config error costs seconds, not a model load.
 """
 
@@ -22,6 +22,8 @@ from .errors import ConfigError
 from .models.loading import ModelSource, folder_flavour
 from .models.meta import meta_transformer
 from .models.registry import get_family
+from .training.phases import needs_validation
+from .training.prompts import parse_resolutions
 
 log = logging.getLogger("tunegraph")
 
@@ -68,7 +70,7 @@ def _dataset(found: Discovery, cfg: Any, family: Any, transformer: torch.nn.Modu
             if problem:
                 raise ConfigError(
                     f"{spec.source}: dataset '{spec.id}': key 'resolution' ({spec.resolution:g}, "
-                    f"{spec.resolution_type}): {record.path.name} becomes {problem}"
+                    f"{spec.resolution_type}): {record.path.name} becomes {problem}. Lower 'resolution' or crop"
                 )
     if spec.probability > 0:
         batch, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
@@ -85,6 +87,20 @@ def _dataset(found: Discovery, cfg: Any, family: Any, transformer: torch.nn.Modu
     }
 
 
+def _validation_sizes(cfg: Any, family: Any, transformer: torch.nn.Module | None) -> list[str]:
+    """validation_resolution's sizes ("1024x1024,1280x768", SimpleTuner's forms), each against the
+    model's positional limit as training buckets are; none when validation is off."""
+    if not needs_validation(cfg):
+        return []
+    where = f"{cfg.source}: key 'validation_resolution'"
+    sizes = parse_resolutions(cfg.validation_resolution, where=where)
+    for width, height in sizes if transformer is not None else []:
+        problem = family.image_size_problem(transformer, width, height)
+        if problem:
+            raise ConfigError(f"{where}: {problem}. Use a smaller or square validation size")
+    return [f"{w}x{h}" for w, h in sizes]
+
+
 def preflight(cfg: Any, backends: Backends | None = None) -> dict[str, Any]:
     """Run every check that needs no weights; return what would be trained (raises on the first error)."""
     family = get_family(cfg.model_family or "flux")
@@ -98,6 +114,7 @@ def preflight(cfg: Any, backends: Backends | None = None) -> dict[str, Any]:
         adapter = _adapter(cfg, family, transformer)
         backends = backends or load_backends(cfg)
         datasets = [_dataset(discover(spec), cfg, family, transformer) for spec in backends.datasets]
+        validation = _validation_sizes(cfg, family, transformer)
     finally:
         log.removeHandler(handler)
     return {
@@ -107,6 +124,7 @@ def preflight(cfg: Any, backends: Backends | None = None) -> dict[str, Any]:
         "model": str(root) if root else ("built-in tiny model" if flavour == "tiny" else None),
         "adapter": adapter,
         "datasets": datasets,
+        "validation_resolutions": validation,
         "text_embeds_cache": str(backends.text_embeds.cache_dir),
         "output_dir": cfg.output_dir,
         "warnings": list(dict.fromkeys(cfg.warnings + backends.warnings + handler.messages)),
@@ -129,6 +147,8 @@ def describe(report: dict[str, Any]) -> str:
             f"dataset:  {d['id']}: {d['images']} images ({d['skipped']} skipped), repeats {d['repeats']}; "
             f"buckets {buckets}"
         )
+    if report["validation_resolutions"]:
+        lines.append(f"validate: at {', '.join(report['validation_resolutions'])}")
     lines.append(f"output:   {report['output_dir']}")
     lines += [f"warning:  {w}" for w in report["warnings"]]
     lines.append("ok: nothing was loaded; `tunegraph train` with this config would start")

@@ -257,7 +257,7 @@ class HiDreamModel(ModelBundle):
 
     @classmethod
     def image_size_problem(cls, transformer: torch.nn.Module, width: int, height: int) -> str | None:
-        """HiDream pads non-square inputs to `max_seq` patches, so larger ones cannot train."""
+        """HiDream pads non-square inputs to `max_seq` patches, so larger ones cannot train or sample."""
         p, max_seq = transformer.config.patch_size, transformer.max_seq
         patches = (height // 8 // p) * (width // 8 // p)
         if height == width or patches <= max_seq:
@@ -265,7 +265,7 @@ class HiDreamModel(ModelBundle):
         px = int(math.sqrt(max_seq)) * p * 8
         return (
             f"{width}x{height} px is {patches} patches; HiDream takes non-square images of at most "
-            f"{max_seq} patches ({px}x{px} px in area). Lower 'resolution' or crop"
+            f"{max_seq} patches ({px}x{px} px in area)"
         )
 
     def _check_latents(self, shape: torch.Size) -> None:
