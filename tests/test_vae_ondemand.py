@@ -18,6 +18,7 @@ from tunegraph.trainer.cli import main
 from tunegraph.trainer.commands.demo import write_demo_config
 from tunegraph.trainer.config import TrainConfig, load_config
 from tunegraph.trainer.config_notes import key_groups
+from tunegraph.trainer.plan.advice import cheapest_fit
 from tunegraph.trainer.plan.check import plan_for
 from tunegraph.trainer.training.loop import train
 
@@ -158,7 +159,8 @@ def test_dataset_key_alone_and_resume_bit_exact(runs: dict) -> None:
 
 def test_memory_plan_counts_the_vae_during_training(demo: Path, tmp_path: Path) -> None:
     off = plan_for(run_config(demo, tmp_path), "cpu")
-    on = plan_for(run_config(demo, tmp_path, entry={"vae_cache_ondemand": True}), "cpu")
+    on_cfg = run_config(demo, tmp_path, entry={"vae_cache_ondemand": True})
+    on = plan_for(on_cfg, "cpu")
     step = {p.name: p for p in on.phases}
     vae = on.inputs.vae_params * on.inputs.dtype_bytes
     assert step["training step"].device - {p.name: p for p in off.phases}["training step"].device == vae
@@ -167,6 +169,12 @@ def test_memory_plan_counts_the_vae_during_training(demo: Path, tmp_path: Path) 
     assert parts["VAE (kept on the device)"] == vae and "activations" not in parts
     assert parts["VAE encode working memory (estimate)"] == 3 * 64 * 64 * on.inputs.vae_channels * 4 * 2
     assert "on-demand VAE encode" not in {p.name for p in off.phases}
+    # too small a card: the first change the plan proposes is to cache at startup instead
+    (first, *_) = cheapest_fit(on.inputs, on_cfg, on.peak.device - 1, "cpu")
+    assert first.keys == {"vae_cache_ondemand": False, "keep_vae_loaded": False}
+    assert first.plan.peak.device < on.peak.device and "on-demand VAE encode" not in {
+        p.name for p in first.plan.phases
+    }
 
 
 def test_option_is_implemented_not_warned() -> None:

@@ -1,6 +1,7 @@
 """When a plan does not fit: the cheapest changes that would make it fit, in order, each re-planned.
 
-Order (cheapest in quality and speed first): gradient checkpointing, an int8 base, text encoders
+Order (cheapest in quality and speed first): the VAE off the device while training steps run,
+gradient checkpointing, an int8 base, text encoders
 quantised for the cache fill, group offload of the frozen transformer, a smaller bucket. Each
 step keeps the earlier ones, so the list reads as a path from the current settings to a fit.
 """
@@ -24,6 +25,14 @@ class Change:
 def _steps(inp: PlanInputs) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(description, config keys, PlanInputs changes) for every change not already in effect."""
     steps = []
+    if inp.vae_in_training:  # costs only startup time: the latents are the same
+        steps.append(
+            (
+                "let the VAE leave the device after caching (vae_cache_ondemand off, also on datasets)",
+                {"vae_cache_ondemand": False, "keep_vae_loaded": False},
+                {"vae_in_training": False, "vae_encodes_in_training": False},
+            )
+        )
     if not inp.checkpointing:
         steps.append(
             ("turn on gradient checkpointing", {"gradient_checkpointing": True}, {"checkpointing": True})
