@@ -7,6 +7,9 @@ in the environment variable TUNEGRAPH_ALLOWED_ROOTS (os.pathsep-separated absolu
 datasets and configs, output for runs); `..` segments are refused outright, and an absolute path must
 lie inside one of the roots, both as written and with symlinks resolved: a link inside input/ to a
 folder elsewhere is refused (the server owner adds its target to TUNEGRAPH_ALLOWED_ROOTS instead).
+`{env:NAME}` in a path is filled before it is checked; `{model_family}` / `{output_dir}` / `{id}`
+stay as written and are filled later with values that cannot climb (a family name, the confined run
+folder, a plain dataset id).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..trainer.data.path_variables import fill_string
 from ..trainer.errors import ConfigError
 
 ENV_ROOTS = "TUNEGRAPH_ALLOWED_ROOTS"
@@ -48,8 +52,9 @@ def _check_length(text: str, what: str) -> None:
 
 def confine(value: str | os.PathLike, base: Path, roots: Iterable[Path], what: str) -> Path:
     """The absolute path `value` names (relative ones inside `base`), if it lies inside a root;
-    otherwise a ConfigError naming `what`, the value and the allowed folders."""
-    text = str(value).strip()
+    otherwise a ConfigError naming `what`, the value and the allowed folders. SimpleTuner's `{env:NAME}`
+    is filled first (the trainer would fill it later), so the path checked is the path used."""
+    text = fill_string(str(value), {}).strip()
     if not text:
         raise ConfigError(f"{what}: no path given")
     if "\x00" in text:
