@@ -186,6 +186,8 @@ class CacheLatents(io.ComfyNode):
         )
         entries = [*datasets.entries, text_embeds_entry(root / "text" / model.family)]
         backends = parse_backends(entries, cfg, "CacheLatents")
+        for spec in backends.datasets:
+            paths.check_dataset_files(spec.instance_data_dir, f"CacheLatents: dataset '{spec.id}'")
         preflight(cfg, backends, model=model.bundle, adapter=False)  # sizes vs the model, before encoding
         progress = Progress(len(backends.datasets), cls.hidden.unique_id)
         reports, text = [], {}

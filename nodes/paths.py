@@ -80,6 +80,24 @@ def confine(value: str | os.PathLike, base: Path, roots: Iterable[Path], what: s
     return full
 
 
+def check_dataset_files(folder: str | os.PathLike, what: str) -> None:
+    """Every file a dataset folder holds (as discovery walks it, links followed) really lies inside
+    the allowed folders: a link inside a confined folder to a file elsewhere would otherwise be read
+    and trained on. Checked where a graph's training reads the folder, so files added later count."""
+    from ..trainer.data.discovery import walk_files
+
+    roots = comfy_roots()
+    if not Path(folder).is_dir():
+        return  # discovery names a missing folder itself
+    for path in walk_files(Path(folder)):
+        real = Path(os.path.realpath(path))
+        if real != path and not _inside_real(real, roots):
+            raise ConfigError(
+                f"{what}: {path} is a link to {real}, which is outside the folders this server allows; "
+                f"copy the file into the dataset folder, or have the server owner add its folder to {ENV_ROOTS}."
+            )
+
+
 def comfy_roots() -> list[Path]:
     """ComfyUI's input, output, temp and every model folder, plus TUNEGRAPH_ALLOWED_ROOTS."""
     import folder_paths

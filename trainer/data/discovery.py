@@ -73,7 +73,7 @@ def image_hash(path: Path) -> str:
     return _hash_of(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _walk(folder: Path) -> list[Path]:
+def walk_files(folder: Path) -> list[Path]:
     """Files under folder, following links to folders, but each real folder once: a symlink loop (or a
     second link to the same folder) is walked once, with one warning, instead of ~40 times."""
     out, seen = [], set()
@@ -146,7 +146,7 @@ def discover(spec: DatasetSpec) -> Discovery:
     if not folder.is_dir():
         raise _missing_folder(spec)
     result = Discovery(spec, [], 0)
-    for path in _walk(folder):
+    for path in walk_files(folder):
         ext = path.suffix.lower()
         if ext in COMPANION_EXTS:
             continue
