@@ -18,6 +18,7 @@ from tunegraph.trainer.cli import main
 from tunegraph.trainer.commands.demo import write_demo_config
 from tunegraph.trainer.config import TrainConfig, load_config
 from tunegraph.trainer.config_notes import key_groups
+from tunegraph.trainer.models import get_family
 from tunegraph.trainer.plan.advice import cheapest_fit
 from tunegraph.trainer.plan.check import plan_for
 from tunegraph.trainer.training.loop import train
@@ -28,9 +29,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """The demo's 8 images plus one truncated JPEG that only decoding finds (verify() passes)."""
+    """4 of the demo's images plus one truncated JPEG that only decoding finds (verify() passes)."""
     config = write_demo_config(tmp_path_factory.mktemp("ondemand"), steps=4)
     data = config.parent.parent / "data"
+    for path in sorted(data.glob("demo_00[4-7].*")):  # a VAE call takes ~0.4 s on CPU: keep them few
+        path.unlink()
     buf = io.BytesIO()
     Image.effect_noise((96, 96), 50).convert("RGB").save(buf, "JPEG", quality=90)
     (data / "broken.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # pixels cut off
@@ -72,10 +75,10 @@ def test_cache_command_skips_latents_and_caches_text(demo: Path, tmp_path: Path,
     with caplog.at_level(logging.INFO, logger="tunegraph"):
         assert main(["cache", "--config", str(config), "--json"]) == 0
     (report,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["datasets"]
-    assert (report["latents_cached"], report["latents_on_demand"], report["images_used"]) == (0, 8, 8)
+    assert (report["latents_cached"], report["latents_on_demand"], report["images_used"]) == (0, 4, 4)
     assert not list(tmp_path.glob("vae/*"))
-    assert len(list((tmp_path / "text").glob("*.safetensors"))) == 9  # 8 captions + "" for dropout
-    said = "vae_cache_ondemand: no latents are encoded now; 8 will be encoded when a batch first draws them"
+    assert len(list((tmp_path / "text").glob("*.safetensors"))) == 5  # 4 captions + "" for dropout
+    said = "vae_cache_ondemand: no latents are encoded now; 4 will be encoded when a batch first draws them"
     assert any(said in r.getMessage() for r in caplog.records)
 
 
@@ -83,25 +86,32 @@ class Stop(Exception):
     pass
 
 
-def _stop_at_2(step, total, record):
-    if step == 2:
+def _stop_at_1(step, total, record):
+    if step == 1:
         raise Stop
 
 
 @pytest.fixture(scope="module")
 def runs(demo: Path, tmp_path_factory) -> dict:
-    """4 steps of 2 images (one epoch) cached at startup, the same with config.json's key, and the
-    dataset entry's key (SimpleTuner v4.6+) stopped at step 2 then resumed."""
+    """4 steps of 2 images (two epochs) cached at startup, the same with config.json's key (VAE calls
+    counted), and with the dataset entry's key (SimpleTuner v4.6+) stopped at step 1 then resumed."""
     root = tmp_path_factory.mktemp("runs")
     out: dict = {"root": root}
     out["cached"] = train(run_config(demo, root / "cached", vae_batch_size=1), progress=False)
-    with _capture() as records:
+    calls = []
+    family = get_family("flux")
+    encode = family.encode_images
+    with _capture() as records, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            family, "encode_images", lambda self, pixels: calls.append(len(pixels)) or encode(self, pixels)
+        )
         out["on"] = train(run_config(demo, root / "on", vae_cache_ondemand=True), progress=False)
+    out["on_calls"] = calls
     out["on_log"] = [r.getMessage() for r in records]
     entry = {"vae_cache_ondemand": True}
     with pytest.raises(Stop):
         cfg = run_config(demo, root / "cut", entry=entry)
-        train(cfg, on_step=_stop_at_2, interrupt_types=(Stop,), progress=False)
+        train(cfg, on_step=_stop_at_1, interrupt_types=(Stop,), progress=False)
     out["at_stop"] = latents(root / "cut")
     resume = run_config(demo, root / "cut", entry=entry, resume_from_checkpoint="latest")
     out["resumed"] = train(resume, progress=False)
@@ -131,10 +141,12 @@ def test_ondemand_trains_on_the_latents_the_cache_holds(runs: dict) -> None:
     (on,), (cached,) = runs["on"]["cache"]["datasets"], runs["cached"]["cache"]["datasets"]
     assert on["skipped"] == cached["skipped"] and len(on["skipped"]) == 1
     assert "cannot decode image" in on["skipped"][0]["reason"]
-    assert (on["latents_cached"], on["latents_on_demand"], cached["latents_cached"]) == (0, 8, 8)
-    # one epoch drew every image: each was encoded when drawn and written under the cache's own key
+    assert (on["latents_cached"], on["latents_on_demand"], cached["latents_cached"]) == (0, 4, 4)
+    # each image was encoded once, alone, when first drawn, and written under the cache's own key;
+    # the second epoch read them
+    assert runs["on_calls"] == [1, 1, 1, 1]
     written, full = latents(root / "on"), latents(root / "cached")
-    assert written.keys() == full.keys() and len(full) == 8
+    assert written.keys() == full.keys() and len(full) == 4
     # on demand each image has a VAE call of its own, as the startup cache with vae_batch_size 1:
     # the same bits (a batched call rounds differently, ~7e-7), so the same losses
     for name, tensor in written.items():
@@ -144,12 +156,12 @@ def test_ondemand_trains_on_the_latents_the_cache_holds(runs: dict) -> None:
 
 
 def test_dataset_key_alone_and_resume_bit_exact(runs: dict) -> None:
-    """Stopped at step 2 only the images drawn so far had latents; the resumed run read those and
+    """Stopped at step 1 only the images drawn so far had latents; the resumed run read those and
     encoded the rest when drawn, and ends bit-exact with the uninterrupted run."""
     root = runs["root"]
-    assert 2 <= len(runs["at_stop"]) <= 4  # 2 steps x 2 images: on demand, not at startup
-    assert runs["resumed"]["resumed_from"].endswith("checkpoint-2")
-    assert runs["resumed"]["cache"]["datasets"][0]["latents_on_demand"] == 8 - len(runs["at_stop"])
+    assert len(runs["at_stop"]) == 2  # one step of 2 images: on demand, not at startup
+    assert runs["resumed"]["resumed_from"].endswith("checkpoint-1")
+    assert runs["resumed"]["cache"]["datasets"][0]["latents_on_demand"] == 2
     assert latents(root / "cut").keys() == latents(root / "on").keys()
     a = load_file(str(root / "on" / "out" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(root / "cut" / "out" / "pytorch_lora_weights.safetensors"))
@@ -167,7 +179,8 @@ def test_memory_plan_counts_the_vae_during_training(demo: Path, tmp_path: Path) 
     encode = step["on-demand VAE encode"]
     parts = {p.name: p.device for p in encode.parts}
     assert parts["VAE (kept on the device)"] == vae and "activations" not in parts
-    assert parts["VAE encode working memory (estimate)"] == 3 * 64 * 64 * on.inputs.vae_channels * 4 * 2
+    w, h = on.inputs.bucket_px  # batch 2, float32: three full-resolution VAE feature maps per image
+    assert parts["VAE encode working memory (estimate)"] == 3 * w * h * on.inputs.vae_channels * 4 * 2
     assert "on-demand VAE encode" not in {p.name for p in off.phases}
     # too small a card: the first change the plan proposes is to cache at startup instead
     (first, *_) = cheapest_fit(on.inputs, on_cfg, on.peak.device - 1, "cpu")
