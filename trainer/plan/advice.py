@@ -1,9 +1,9 @@
 """When a plan does not fit: the cheapest changes that would make it fit, in order, each re-planned.
 
 Order (cheapest in quality and speed first): the VAE off the device while training steps run,
-gradient checkpointing, an int8 base, text encoders
-quantised for the cache fill, group offload of the frozen transformer, a smaller bucket. Each
-step keeps the earlier ones, so the list reads as a path from the current settings to a fit.
+gradient checkpointing, an int8 base, text encoders quantised for the cache fill, group offload of
+the frozen transformer, a smaller bucket. Each step keeps the earlier ones, so the list reads as a
+path from the current settings to a fit.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 The phases follow "memory by phase" (issue 13): the transformer is loaded and (if asked) quantised,
 the text encoders and VAE are on the device only while the cache is filled and the VAE again while
 validation decodes (validation prompts are encoded with the cache), unless keep_vae_loaded or
-vae_cache_ondemand keep the VAE on the device; on demand, latents are also encoded between steps. Measured or exact: frozen
-weights (file headers / meta-built model), adapter parameters and their gradients (the adapter
-built on fake tensors), optimizer state (per optimizer, checked on CPU), activations (fake-tensor
-forward, activations.py). Estimated, marked so: quantised scales (weights.QUANT_BYTES),
+vae_cache_ondemand keep the VAE on the device; on demand, latents are also encoded between steps.
+Measured or exact: frozen weights (file headers / meta-built model), adapter parameters and their
+gradients (the adapter built on fake tensors), optimizer state (per optimizer, checked on CPU),
+activations (fake-tensor forward, activations.py). Estimated, marked so: quantised scales (weights.QUANT_BYTES),
 inference and VAE working memory, and the CUDA context.
 """
 
@@ -257,10 +257,11 @@ def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
 
 
 def _encode_in_training(train_parts: list[Part], inp: PlanInputs) -> Phase:
-    """vae_cache_ondemand: a batch's latents are encoded between steps, with everything the step
-    keeps (weights, adapter, gradients, optimizer state, VAE) resident but not its activations."""
+    """vae_cache_ondemand: a batch's latents are encoded between steps, one image per VAE call, with
+    everything the step keeps (weights, adapter, gradients, optimizer state, VAE) resident but not
+    its activations."""
     kept = [p for p in train_parts if p.name != "activations"]
-    work = _vae_working(inp.bucket_px, inp.batch, inp)
+    work = _vae_working(inp.bucket_px, 1, inp)
     return Phase("on-demand VAE encode", [*kept, Part("VAE encode working memory (estimate)", work)])
 
 
