@@ -16,6 +16,7 @@ from ..trainer.data.demo import make_demo_dataset
 from ..trainer.errors import ConfigError
 from ..trainer.jsonfile import load_json
 from ..trainer.names import plain_name
+from ..trainer.preflight import preflight
 from . import paths
 from .handles import CacheHandle, Datasets, TrainingModel
 from .run_config import text_embeds_entry
@@ -185,6 +186,9 @@ class CacheLatents(io.ComfyNode):
         )
         entries = [*datasets.entries, text_embeds_entry(root / "text" / model.family)]
         backends = parse_backends(entries, cfg, "CacheLatents")
+        for spec in backends.datasets:
+            paths.check_dataset_files(spec.instance_data_dir, f"CacheLatents: dataset '{spec.id}'")
+        preflight(cfg, backends, model=model.bundle, adapter=False)  # sizes vs the model, before encoding
         progress = Progress(len(backends.datasets), cls.hidden.unique_id)
         reports, text = [], {}
         for i, spec in enumerate(backends.datasets):

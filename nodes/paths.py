@@ -7,6 +7,9 @@ in the environment variable TUNEGRAPH_ALLOWED_ROOTS (os.pathsep-separated absolu
 datasets and configs, output for runs); `..` segments are refused outright, and an absolute path must
 lie inside one of the roots, both as written and with symlinks resolved: a link inside input/ to a
 folder elsewhere is refused (the server owner adds its target to TUNEGRAPH_ALLOWED_ROOTS instead).
+`{env:NAME}` in a path is filled before it is checked; `{model_family}` / `{output_dir}` / `{id}`
+stay as written and are filled later with values that cannot climb (a family name, the confined run
+folder, a plain dataset id).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..trainer.data.path_variables import fill_string
 from ..trainer.errors import ConfigError
 
 ENV_ROOTS = "TUNEGRAPH_ALLOWED_ROOTS"
@@ -48,8 +52,9 @@ def _check_length(text: str, what: str) -> None:
 
 def confine(value: str | os.PathLike, base: Path, roots: Iterable[Path], what: str) -> Path:
     """The absolute path `value` names (relative ones inside `base`), if it lies inside a root;
-    otherwise a ConfigError naming `what`, the value and the allowed folders."""
-    text = str(value).strip()
+    otherwise a ConfigError naming `what`, the value and the allowed folders. SimpleTuner's `{env:NAME}`
+    is filled first (the trainer would fill it later), so the path checked is the path used."""
+    text = fill_string(str(value), {}).strip()
     if not text:
         raise ConfigError(f"{what}: no path given")
     if "\x00" in text:
@@ -73,6 +78,24 @@ def confine(value: str | os.PathLike, base: Path, roots: Iterable[Path], what: s
             f"have the server owner add {real} to {ENV_ROOTS}, or copy the files into ComfyUI's input folder."
         )
     return full
+
+
+def check_dataset_files(folder: str | os.PathLike, what: str) -> None:
+    """Every file a dataset folder holds (as discovery walks it, links followed) really lies inside
+    the allowed folders: a link inside a confined folder to a file elsewhere would otherwise be read
+    and trained on. Checked where a graph's training reads the folder, so files added later count."""
+    from ..trainer.data.discovery import walk_files
+
+    roots = comfy_roots()
+    if not Path(folder).is_dir():
+        return  # discovery names a missing folder itself
+    for path in walk_files(Path(folder)):
+        real = Path(os.path.realpath(path))
+        if real != path and not _inside_real(real, roots):
+            raise ConfigError(
+                f"{what}: {path} is a link to {real}, which is outside the folders this server allows; "
+                f"copy the file into the dataset folder, or have the server owner add its folder to {ENV_ROOTS}."
+            )
 
 
 def comfy_roots() -> list[Path]:

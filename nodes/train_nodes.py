@@ -181,6 +181,8 @@ class TrainLoKr(io.ComfyNode):
         config = cache_config(
             cache, run_dir, {**training_keys(v), "cache_dir": str(paths.output_dir() / "tunegraph" / "cache")}
         )
+        for entry in cache.datasets.entries:  # files added since CacheLatents count too
+            paths.check_dataset_files(entry["instance_data_dir"], f"TrainLoKr: dataset '{entry['id']}'")
         start = _start_checkpoint(resume_from)
         config_path, identity, mode = claim_run(
             run_dir,

@@ -27,32 +27,17 @@ LoraLoaderModelOnly on the same file (`OUT_DIR/<family>-adapters.json`).
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from child.comfy_start import lora_keys_not_loaded, start_comfy
+
 FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}  # fmt: skip
 SCALED = "scaled_fp8"
 FP8_MAX = 448.0  # float8_e4m3fn
-
-
-LOGS = io.StringIO()  # ComfyUI's warnings ("lora key not loaded: ...")
-
-
-def start_comfy(comfy_dir: str) -> None:
-    sys.path.insert(0, comfy_dir)
-    logging.basicConfig(stream=LOGS, level=logging.WARNING, force=True)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-    import comfy.sd  # noqa: F401  (parses --cpu)
-
-    sys.argv = argv
 
 
 def comfy_model(unet: dict, sd: dict, weight_dtype, scaled: bool, strict: bool = True):
@@ -195,10 +180,10 @@ def adapter_parity(family: str, path: str, fp8: bool, inputs: dict, out_dir: str
     adapter.save(os.path.join(lora_dir, f"{name}-lokr.safetensors"), {"family": family})
     folder_paths.add_model_folder_path("loras", lora_dir)
     patcher, unet = comfy_load(path)
-    before = LOGS.getvalue().count("lora key not loaded")
+    before = lora_keys_not_loaded()
     (patched,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, f"{name}-lokr.safetensors", 1.0)
     result = {
-        "not_loaded": LOGS.getvalue().count("lora key not loaded") - before,
+        "not_loaded": lora_keys_not_loaded() - before,
         "patches": len(patched.patches),
     }
     scale = ours.abs().max().item()

@@ -31,23 +31,6 @@ def comfy_available() -> bool:
     return (COMFY_DIR / "main.py").is_file()
 
 
-# The start of a script that imports ComfyUI in a child process (its modules set global state): argv[1]
-# is the ComfyUI folder; WARNING logs are captured in `logs`.
-COMFY_CHILD_PREAMBLE = r"""
-import json, logging, os, sys, io
-sys.path.insert(0, sys.argv[1])
-logs = io.StringIO()
-logging.basicConfig(stream=logs, level=logging.WARNING, force=True)
-import torch
-import comfy.options
-comfy.options.enable_args_parsing()
-argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-import comfy.sd
-import comfy.utils
-sys.argv = argv
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

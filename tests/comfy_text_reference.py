@@ -27,18 +27,9 @@ import os
 import sys
 from pathlib import Path
 
+from child.comfy_start import start_comfy
+
 FORMATS = ("fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2", "scaled_fp8")
-
-
-def import_comfy(comfy_dir: str) -> None:
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", "--disable-metadata"]
-    import comfy.sd  # noqa: F401  (parses the arguments above)
-
-    sys.argv = argv
 
 
 def tokenize(comfy_dir: str, prompts_path: str, out_path: str) -> None:
@@ -197,7 +188,7 @@ def shapes(comfy_dir: str, out_path: str) -> None:
 
 def main() -> None:
     command, comfy_dir, *args = sys.argv[1:]
-    import_comfy(comfy_dir)
+    start_comfy(comfy_dir, "--disable-metadata")
     {"tokenize": tokenize, "save": save, "shapes": shapes}[command](comfy_dir, *args)
 
 

@@ -3,12 +3,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from child.launch import TESTS, child_cmd
 
 from tunegraph.trainer.errors import TrainingError
 from tunegraph.trainer.training.checkpoint import (
@@ -173,32 +173,10 @@ def test_clean_stale_restores_moved_aside_checkpoint(tmp_path):
     assert _scratch(tmp_path) == []
 
 
-WRITER = textwrap.dedent(
-    """
-    import sys, time
-    import torch
-    from tunegraph.trainer.training.checkpoint import save_checkpoint
-
-    def slow(path):
-        path.write_bytes(b"y" * 100_000)
-        print("writing", flush=True)
-        time.sleep(0.2)
-
-    files = {f"part{i:02d}.bin": slow for i in range(50)}
-    save_checkpoint(sys.argv[1], int(sys.argv[2]), tensors={"adapter.safetensors": {"w": torch.ones(64, 64)}},
-                    files=files)
-    print("done", flush=True)
-    """
-)
-
-
 def test_sigkill_mid_write_never_leaves_a_pickable_checkpoint(tmp_path):
     _save(tmp_path, 1)
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path), "2"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).parent,
+        child_cmd("checkpoint_writer", "slow", tmp_path, 2), stdout=subprocess.PIPE, text=True, cwd=TESTS
     )
     for _ in range(3):  # let a few files land, then kill without any chance to clean up
         assert proc.stdout.readline().strip() == "writing"
@@ -216,25 +194,10 @@ def test_sigkill_mid_write_never_leaves_a_pickable_checkpoint(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]
 
 
-LOOP_WRITER = textwrap.dedent(
-    """
-    import itertools, sys
-    import torch
-    from tunegraph.trainer.training.checkpoint import save_checkpoint
-
-    print("ready", flush=True)
-    for n in itertools.count(1):
-        # steps repeat (overwrite) and the limit prunes: every code path of a save runs constantly
-        save_checkpoint(sys.argv[1], n % 4, tensors={"a.safetensors": {"w": torch.full((128, 128), float(n))}},
-                        json={"s.json": {"n": n}}, total_limit=2)
-    """
-)
-
-
 @pytest.mark.parametrize("delay", [0.3, 0.75])
 def test_sigkill_at_any_moment_leaves_only_whole_checkpoints(tmp_path, delay):
     proc = subprocess.Popen(
-        [sys.executable, "-c", LOOP_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        child_cmd("checkpoint_writer", "loop", tmp_path), stdout=subprocess.PIPE, text=True, cwd=TESTS
     )
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(delay)

@@ -77,3 +77,16 @@ def test_an_overlong_run_id_is_a_400(comfy) -> None:
         assert e.code == 400 and b"too long" in e.read()
     else:
         raise AssertionError("expected a 400")
+
+
+def test_a_link_inside_a_dataset_folder_to_a_file_outside_is_refused(comfy, tmp_path) -> None:
+    from tunegraph.trainer.data.demo import make_demo_dataset
+
+    secret = make_demo_dataset(tmp_path / "private", n=1, size=(64, 64))
+    data = make_demo_dataset(comfy.base_dir / "input" / "linked_file_data", n=2, size=(64, 64))
+    outside = next(secret.glob("*.png"))
+    (data / "borrowed.png").symlink_to(outside)
+    message = _error(comfy, _graph(instance_data_dir="linked_file_data"))
+    assert "CacheLatents" in message and "borrowed.png" in message and str(outside) in message
+    assert "TUNEGRAPH_ALLOWED_ROOTS" in message
+    assert not list((comfy.base_dir / "output" / "tunegraph" / "cache").rglob("*linked_file_data*"))

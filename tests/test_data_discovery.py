@@ -129,3 +129,21 @@ def test_demo_dataset_is_deterministic_with_captions(tmp_path):
     assert len(found.records) == 4 and len({r.captions for r in found.records}) == 4  # captions are unique
     many = make_demo_dataset(tmp_path / "many", n=40, size=(8, 8))
     assert len({p.read_text() for p in many.glob("*.txt")}) == 40
+
+
+def test_a_second_discovery_reads_no_image_again_until_one_changes(tmp_path):
+    from tunegraph.trainer.data.discovery import _hash_of
+
+    for i in range(3):
+        png(tmp_path / f"img_{i}.png", colour=(10 * i, 0, 0))
+    before = _hash_of.cache_info().misses
+    first = discover(spec(tmp_path))
+    assert _hash_of.cache_info().misses - before == 3  # preflight's pass hashes each image once
+    again = discover(spec(tmp_path))
+    assert _hash_of.cache_info().misses - before == 3  # caching's pass reads none of them again
+    assert [r.content_hash for r in again.records] == [r.content_hash for r in first.records]
+    edited = png(tmp_path / "img_1.png", colour=(0, 0, 255))  # same name and size, new content
+    third = discover(spec(tmp_path))
+    assert third.records[1].content_hash == hashlib.sha256(edited.read_bytes()).hexdigest()
+    assert third.records[1].content_hash != first.records[1].content_hash
+    assert third.records[0].content_hash == first.records[0].content_hash

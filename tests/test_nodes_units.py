@@ -51,6 +51,20 @@ def test_absolute_path_inside_an_owner_root_is_allowed(tmp_path: Path, monkeypat
         confine(str(tmp_path / "datasets-evil"), tmp_path / "input", roots, "x")
 
 
+def test_env_variables_are_filled_before_the_check(tmp_path: Path, monkeypatch) -> None:
+    base = tmp_path / "input"
+    monkeypatch.setenv("TG_SUBSET", "shapes")
+    assert confine("{env:TG_SUBSET}/set1", base, [base], "x") == base / "shapes" / "set1"
+    monkeypatch.setenv("TG_SUBSET", "../../etc")  # would climb once the trainer filled it in
+    with pytest.raises(ConfigError, match=r"contains '\.\.'"):
+        confine("{env:TG_SUBSET}", base, [base], "x")
+    monkeypatch.setenv("TG_SUBSET", "/etc")
+    with pytest.raises(ConfigError, match="outside the folders"):
+        confine("{env:TG_SUBSET}", base, [base], "x")
+    kept = confine("cache/{model_family}/{id}", base, [base], "x")  # filled later, by safe values
+    assert kept == base / "cache" / "{model_family}" / "{id}"
+
+
 # -- run identity ---------------------------------------------------------------------------------
 
 

@@ -9,13 +9,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from child.launch import TESTS, child_cmd
 from safetensors.torch import load_file
 
 from tunegraph.trainer.commands.demo import write_demo_config
@@ -31,26 +31,11 @@ from tunegraph.trainer.training.run_lock import (
     read_holder,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# A process that takes the folder's lock the way a run does, says so, and keeps it until stdin closes.
-# With "cli" it installs the CLI's SIGTERM/SIGINT handling first (which imports torch: slower).
-HOLDER = """
-import contextlib, sys
-from tunegraph.trainer.training.run_lock import hold_output_dir
-signals = contextlib.nullcontext()
-if sys.argv[2:] == ["cli"]:
-    from tunegraph.trainer.training.distributed import graceful_signals
-    signals = graceful_signals()
-with signals, hold_output_dir(sys.argv[1], "test holder"):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
 
 def start_holder(folder: Path, env: dict[str, str] | None = None, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(folder), *extra],
+        child_cmd("run_lock_holder", folder, *extra),
+        cwd=TESTS,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -142,25 +127,13 @@ def test_processes_the_holder_starts_share_its_lock(tmp_path: Path) -> None:
         assert child.wait(30) == 0
         assert read_holder(tmp_path).pid == os.getpid()  # the child neither took nor released it
         stranger = subprocess.run(
-            [sys.executable, "-c", HOLDER, str(tmp_path)], capture_output=True, text=True
+            child_cmd("run_lock_holder", tmp_path), cwd=TESTS, capture_output=True, text=True
         )
         assert stranger.returncode != 0 and "RunLocked" in stranger.stderr
     assert launcher_env(tmp_path) == {}
 
 
 # -- two CLI runs started together -------------------------------------------------------------------
-
-# Imports everything first, then waits for the start signal, so both runs reach the lock together.
-GATED_CLI = """
-import os, sys, time
-import tunegraph.trainer.training.loop
-from tunegraph.trainer.cli import main
-go = sys.argv[1]
-open(f"{go}.ready-{os.getpid()}", "w").close()
-while not os.path.exists(go):
-    time.sleep(0.005)
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +159,10 @@ def test_two_cli_runs_on_one_folder_one_trains_the_other_stops_at_once(
         args = ["train", "--config", str(demo_config), "--json"] + [
             a for k, v in sets.items() for a in ("--set", f"{k}={v}")
         ]
-        cmd = [sys.executable, "-c", GATED_CLI, str(go), *args]
-        procs[lr] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = child_cmd("gated_cli", go, *args)  # all start together on `go`
+        procs[lr] = subprocess.Popen(
+            cmd, cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("go.ready-*"))) < 2 and time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs.values()), [p.communicate() for p in procs.values()]

@@ -10,7 +10,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .choices import FLUX_LORA_TARGET_PRESETS, LR_SCHEDULERS, PRECISIONS  # issue 14: one place each
+from .choices import (  # issue 14: one place each
+    BASE_DEFAULT_DTYPES,
+    BASE_PRECISIONS,
+    CAPTION_STRATEGIES,
+    CLIP_METHODS,
+    FLUX_LORA_TARGET_PRESETS,
+    GROUP_OFFLOAD_TYPES,
+    HUBER_SCHEDULES,
+    LORA_INIT_TYPES,
+    LORA_TYPES,
+    LOSS_TYPES,
+    LR_SCHEDULERS,
+    MEMORY_PRESETS,
+    MIXED_PRECISIONS,
+    MODEL_FAMILIES,
+    MODEL_TYPES,
+    PRECISIONS,
+    QUANTIZE_VIA,
+    RESOLUTION_TYPES,
+)
 from .simpletuner_options import CONFIG_DEFAULTS, CONFIG_NO_EFFECT, CONFIG_SPEED_MEMORY, FLOW_MATCHING_NOOPS
 
 
@@ -40,8 +59,8 @@ SEED = {"minimum": 0, "maximum": 2**63 - 1}
 
 KEYS: dict[str, Key] = {
     # model
-    "model_type": _k("str", "lora", "lora"),
-    "model_family": _k("str", "flux", "flux", "hidream"),
+    "model_type": _k("str", "lora", *MODEL_TYPES),
+    "model_family": _k("str", "flux", *MODEL_FAMILIES),
     "model_flavour": _k("str", None),
     "pretrained_model_name_or_path": _k("str", None),
     "pretrained_vae_model_name_or_path": _k("str", None),
@@ -50,23 +69,23 @@ KEYS: dict[str, Key] = {
     # TuneGraph's own: the tiny flavour's random weights (fixed, like a checkpoint; not the training seed)
     "tiny_model_seed": _k("int", 0, **SEED),
     # adapter
-    "lora_type": _k("str", "standard", "standard", "lycoris"),
+    "lora_type": _k("str", "standard", *LORA_TYPES),
     "lycoris_config": _k("path", None),
     "lora_rank": _k("int", 16, **AT_LEAST_1),
     "lora_alpha": _k("float", None, **POSITIVE),
     "lora_dropout": _k("float", 0.0, **FRACTION),
     "flux_lora_target": _k("str", "all", *FLUX_LORA_TARGET_PRESETS),
-    "lora_init_type": _k("str", "default", "default", "gaussian", "loftq", "olora", "pissa"),
+    "lora_init_type": _k("str", "default", *LORA_INIT_TYPES),
     "init_lokr_norm": _k("float", None, **AT_LEAST_0),
     # data
     "data_backend_config": _k("path", None),
     "resolution": _k("float", 1024, **{**POSITIVE, "maximum": 16384}),
-    "resolution_type": _k("str", "pixel_area", "pixel_area", "area", "pixel"),
+    "resolution_type": _k("str", "pixel_area", *RESOLUTION_TYPES),
     "minimum_image_size": _k("float", None, **AT_LEAST_0),
     "maximum_image_size": _k("float", None, **AT_LEAST_0),
     "target_downsample_size": _k("float", None, **AT_LEAST_0),
     "aspect_bucket_rounding": _k("int", 2, **{"minimum": 0, "maximum": 8}),
-    "caption_strategy": _k("str", "filename", "filename", "textfile", "instanceprompt"),
+    "caption_strategy": _k("str", "filename", *CAPTION_STRATEGIES),
     "instance_prompt": _k("str", None),
     "caption_dropout_probability": _k("float", 0.0, **FRACTION),
     "vae_batch_size": _k("int", 4, **AT_LEAST_1),
@@ -94,8 +113,8 @@ KEYS: dict[str, Key] = {
     "lr_end": _k("float", 4e-7, **AT_LEAST_0),
     "lr_power": _k("float", 1.0, **POSITIVE),
     "max_grad_norm": _k("float", 2.0, **AT_LEAST_0),
-    "grad_clip_method": _k("str", "value", "value", "norm"),
-    "mixed_precision": _k("str", "bf16", "bf16", "no", "fp16"),
+    "grad_clip_method": _k("str", "value", *CLIP_METHODS),
+    "mixed_precision": _k("str", "bf16", *MIXED_PRECISIONS),
     "gradient_checkpointing": _k("bool", False),
     "gradient_checkpointing_interval": _k("int", None, **AT_LEAST_1),
     "use_ema": _k("bool", False),
@@ -136,10 +155,10 @@ KEYS: dict[str, Key] = {
     "logging_dir": _k("str", None),
     # precision: quantised base and text encoders (trainer/quantize.py); bf16|fp32 for what stays unquantised
     # issue 13: fp8-file trains on an fp8 / scaled-fp8 ComfyUI file's own float8 weights
-    "base_model_precision": _k("str", "no_change", *PRECISIONS, "fp8-file"),
-    "base_model_default_dtype": _k("str", "bf16", "bf16", "fp32"),
+    "base_model_precision": _k("str", "no_change", *BASE_PRECISIONS),
+    "base_model_default_dtype": _k("str", "bf16", *BASE_DEFAULT_DTYPES),
     **{f"text_encoder_{i}_precision": _k("str", "no_change", *PRECISIONS) for i in range(1, 5)},
-    "quantize_via": _k("str", None, "cpu", "accelerator"),
+    "quantize_via": _k("str", None, *QUANTIZE_VIA),
     # issue 13: text-encoder files (family order: Flux CLIP-L, T5; HiDream CLIP-L, CLIP-G, T5, Llama) and
     # the ComfyUI install their tokenizers come from (default: the running ComfyUI, else $COMFYUI_DIR)
     **{f"text_encoder_{i}_path": _k("str", None) for i in range(1, 5)},
@@ -151,17 +170,17 @@ KEYS: dict[str, Key] = {
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01, **AT_LEAST_0),
     # issue 15: SimpleTuner's loss options (training/flow.py `flow_loss`)
-    "loss_type": _k("str", "l2", "l2", "huber", "smooth_l1"),
-    "huber_schedule": _k("str", "snr", "snr", "exponential", "constant"),
+    "loss_type": _k("str", "l2", *LOSS_TYPES),
+    "huber_schedule": _k("str", "snr", *HUBER_SCHEDULES),
     "huber_c": _k("float", 0.1, **POSITIVE),
     # issue 15: keep buckets smaller than one batch, filling their batch with their own images (sampler.py)
     "disable_bucket_pruning": _k("bool", False),
     # issue 16: memory plan, presets by card size, group offload of the frozen transformer (trainer/plan/)
     "gpu_memory": _k("float", None),  # GiB the plan checks against (default: the CUDA device's own)
-    "memory_preset": _k("str", None, "12", "16", "24", "48", "80"),
+    "memory_preset": _k("str", None, *MEMORY_PRESETS),
     "ignore_memory_plan": _k("bool", False),  # train even when the plan says it will not fit
     "enable_group_offload": _k("bool", False),
-    "group_offload_type": _k("str", "block_level", "block_level", "leaf_level"),
+    "group_offload_type": _k("str", "block_level", *GROUP_OFFLOAD_TYPES),
     "group_offload_blocks_per_group": _k("int", 1),
     "group_offload_use_stream": _k("bool", False),
     "group_offload_to_disk_path": _k("str", None),
@@ -173,7 +192,8 @@ KEYS: dict[str, Key] = {
 OWN_KEYS = frozenset(
     {"tiny_model_seed", "validation_adaptive_cfg_threshold", "prodigy_d_coef", "disable_validation"}
     | {"gpu_memory", "memory_preset", "ignore_memory_plan"}  # issue 16
-    | {f"text_encoder_{i}_path" for i in range(1, 5)} | {"comfyui_path"}  # issue 13: ComfyUI files
+    | {f"text_encoder_{i}_path" for i in range(1, 5)}
+    | {"comfyui_path"}  # issue 13: ComfyUI files
 )
 # Accepted quietly: cannot change a local run (hub upload, webhooks, trackers, launcher, logging).
 IGNORED: frozenset[str] = frozenset(CONFIG_NO_EFFECT - set(KEYS))

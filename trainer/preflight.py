@@ -20,7 +20,7 @@ from .data.discovery import Discovery, discover
 from .data.sizing import check_dataset_size
 from .errors import ConfigError
 from .models.loading import ModelSource, folder_flavour
-from .models.meta import meta_transformer
+from .models.meta import meta_like, meta_transformer
 from .models.registry import get_family
 
 log = logging.getLogger("tunegraph")
@@ -85,19 +85,49 @@ def _dataset(found: Discovery, cfg: Any, family: Any, transformer: torch.nn.Modu
     }
 
 
-def preflight(cfg: Any, backends: Backends | None = None) -> dict[str, Any]:
-    """Run every check that needs no weights; return what would be trained (raises on the first error)."""
+def _model(cfg: Any, model: Any) -> tuple[Any, torch.nn.Module | None, Any, str]:
+    """(family, meta transformer, model folder, flavour): from the config's files, or from a model
+    already loaded (a node's): then its own shape, never its weights."""
+    if model is not None:
+        source = model.source or ModelSource.from_config(cfg)
+        return (
+            type(model),
+            meta_like(model.transformer),
+            source.folder("pretrained_model_name_or_path"),
+            model.flavour,
+        )
     family = get_family(cfg.model_family or "flux")
     source = ModelSource.from_config(cfg)
+    transformer = meta_transformer(family, source)
+    root = source.folder("pretrained_model_name_or_path")
+    return (
+        family,
+        transformer,
+        root,
+        family.check_flavour(source.flavour or folder_flavour(root), source.origin),
+    )
+
+
+def preflight(
+    cfg: Any,
+    backends: Backends | None = None,
+    *,
+    model: Any = None,
+    adapter: bool = True,
+    datasets: bool = True,
+) -> dict[str, Any]:
+    """Run every check that needs no weights; return what would be trained (raises on the first error).
+    `model`: one already loaded (a node's), checked by its own shape; `adapter` / `datasets` False
+    skip those checks (CacheLatents has no adapter yet; the bench feeds a synthetic batch)."""
     handler = _Warnings()
     log.addHandler(handler)
     try:
-        transformer = meta_transformer(family, source)
-        root = source.folder("pretrained_model_name_or_path")
-        flavour = family.check_flavour(source.flavour or folder_flavour(root), source.origin)
-        adapter = _adapter(cfg, family, transformer)
-        backends = backends or load_backends(cfg)
-        datasets = [_dataset(discover(spec), cfg, family, transformer) for spec in backends.datasets]
+        family, transformer, root, flavour = _model(cfg, model)
+        info = _adapter(cfg, family, transformer) if adapter else None
+        found = []
+        if datasets:
+            backends = backends or load_backends(cfg)
+            found = [_dataset(discover(s), cfg, family, transformer) for s in backends.datasets]
     finally:
         log.removeHandler(handler)
     return {
@@ -105,11 +135,13 @@ def preflight(cfg: Any, backends: Backends | None = None) -> dict[str, Any]:
         "family": family.family,
         "flavour": flavour,
         "model": str(root) if root else ("built-in tiny model" if flavour == "tiny" else None),
-        "adapter": adapter,
-        "datasets": datasets,
-        "text_embeds_cache": str(backends.text_embeds.cache_dir),
+        "adapter": info,
+        "datasets": found,
+        "text_embeds_cache": str(backends.text_embeds.cache_dir) if backends else None,
         "output_dir": cfg.output_dir,
-        "warnings": list(dict.fromkeys(cfg.warnings + backends.warnings + handler.messages)),
+        "warnings": list(
+            dict.fromkeys(cfg.warnings + (backends.warnings if backends else []) + handler.messages)
+        ),
     }
 
 

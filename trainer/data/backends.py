@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import coerce
+from ..choices import CAPTION_STRATEGIES, RESOLUTION_TYPES
 from ..config import check_range, did_you_mean
 from ..config_keys import KEYS
 from ..errors import ConfigError
@@ -28,10 +29,8 @@ from .path_variables import fill_entry
 
 log = logging.getLogger("tunegraph")
 
-CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 CROP_STYLES = ("center", "centre", "random", "corner")
-RESOLUTION_TYPES = ("pixel_area", "area", "pixel")
 METADATA_BACKENDS = ("discovery", "json")  # both mean "scan the folder" here; parquet carries captions
 
 _COMMON = {"id", "type", "dataset_type", "disabled", "disable"}

@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
@@ -59,7 +60,20 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _walk(folder: Path) -> list[Path]:
+@lru_cache(maxsize=1 << 17)
+def _hash_of(path: str, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    return file_hash(Path(path))
+
+
+def image_hash(path: Path) -> str:
+    """file_hash, read once per process while the file is unchanged: preflight and caching both
+    discover the dataset, and a ComfyUI server re-discovers it per queued run. Any write changes
+    ctime (which no user tool can set back), so an edited image is hashed again."""
+    st = path.stat()
+    return _hash_of(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def walk_files(folder: Path) -> list[Path]:
     """Files under folder, following links to folders, but each real folder once: a symlink loop (or a
     second link to the same folder) is walked once, with one warning, instead of ~40 times."""
     out, seen = [], set()
@@ -132,7 +146,7 @@ def discover(spec: DatasetSpec) -> Discovery:
     if not folder.is_dir():
         raise _missing_folder(spec)
     result = Discovery(spec, [], 0)
-    for path in _walk(folder):
+    for path in walk_files(folder):
         ext = path.suffix.lower()
         if ext in COMPANION_EXTS:
             continue
@@ -162,7 +176,7 @@ def discover(spec: DatasetSpec) -> Discovery:
         except DatasetError as e:
             result.skip(path, str(e))
             continue
-        result.records.append(ImageRecord(path, size, file_hash(path), captions))
+        result.records.append(ImageRecord(path, size, image_hash(path), captions))
     if result.found == 0:
         raise DatasetError(
             f"{spec.source}: dataset '{spec.id}': no images ({' '.join(IMAGE_EXTS)}) in {folder}; "

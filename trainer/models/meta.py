@@ -9,6 +9,16 @@ from .base import ModelBundle
 from .loading import ModelSource, component_folder
 
 
+def meta_like(transformer: torch.nn.Module) -> torch.nn.Module | None:
+    """A loaded (diffusers) transformer's twin on the meta device, from its config: a preloaded
+    model is checked without touching its weights or wrapping its modules."""
+    config = getattr(transformer, "config", None)
+    if config is None or not hasattr(type(transformer), "from_config"):
+        return None
+    with torch.device("meta"):
+        return type(transformer).from_config(dict(config))
+
+
 def meta_transformer(family: type[ModelBundle], source: ModelSource) -> torch.nn.Module | None:
     """The transformer as configured (its folder's config.json, else the tiny flavour's), on the
     meta device; None when neither is known. Path errors are the loader's own ConfigErrors."""

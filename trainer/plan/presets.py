@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from ..choices import MEMORY_PRESETS
 from .advice import cheapest_fit
 from .estimate import GiB, build_plan
 from .inputs import plan_inputs
 
 log = logging.getLogger("tunegraph")
 
-PRESETS = ("12", "16", "24", "48", "80")
+PRESETS = MEMORY_PRESETS
 PRESET_OFF = "as configured"  # TrainLoKr's widget label for no preset; the others read "<N> GB"
 _PICKED = (
     "gradient_checkpointing",

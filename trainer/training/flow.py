@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..choices import HUBER_SCHEDULES, LOSS_TYPES
 from ..errors import ConfigError
 
 # diffusers' Flux scheduler config (base_image_seq_len, max_image_seq_len, base_shift, max_shift).
@@ -133,8 +134,6 @@ def eval_noise(
 
 # issue 15: SimpleTuner's loss_type for flow-matching models (models/common.py `conditional_loss`
 # and `compute_scheduled_huber_c`, whose timesteps are sigma * 1000).
-LOSS_TYPES = ("l2", "huber", "smooth_l1")
-HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 def huber_c_per_sample(sigmas: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..choices import LR_SCHEDULERS
+from ..choices import CLIP_METHODS, LR_SCHEDULERS
 from ..config import did_you_mean
 from ..errors import ConfigError, TrainingError
 
 _BNB = {"bnb-lion8bit": "Lion8bit", "bnb-lion8bit-paged": "PagedLion8bit", "bnb-adamw8bit": "AdamW8bit"}
 OPTIMIZERS = ("adamw", "adamw_bf16", "optimi-lion", "optimi-stableadamw", "prodigy", *_BNB)
 SCHEDULERS = LR_SCHEDULERS
-CLIP_METHODS = ("norm", "value")
 
 
 def _adam_settings(cfg: Any) -> dict[str, Any]:

@@ -146,8 +146,10 @@ def prepare_run(cfg, model=None, data=None) -> Run:
     seed_everything(cfg.seed)
     check_memory(cfg, dist.device)  # the memory plan, before anything heavy loads (trainer/plan/)
     owned = model is None
+    # issue 15: what the config alone decides fails before any weight is loaded (a given model: by
+    # its own shape, before caching and wrapping)
+    preflight(cfg, model=model, datasets=data is None)
     if owned:
-        preflight(cfg)  # issue 15: what the config alone decides fails before any weight is loaded
         model = prepare_model(cfg, dist.device)
     else:  # a model given (a node's, the bench's): quantised as cfg says if not yet (idempotent)
         quantize_model(model, cfg)
