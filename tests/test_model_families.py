@@ -13,12 +13,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from child.launch import TESTS, child_cmd
 from diffusers import FluxPipeline, HiDreamImagePipeline
 
 from tunegraph.trainer.commands.tiny_models import write_tiny_models
@@ -27,7 +27,6 @@ from tunegraph.trainer.errors import ConfigError
 from tunegraph.trainer.models import FAMILIES, ModelBundle, ModelSource, get_family, load_model
 
 PROMPTS = ["a photo of sks dog", "a red car"]
-TESTS = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -151,9 +150,7 @@ def ids_child(request, tmp_path_factory):
     logs = tmp_path_factory.mktemp("model-ids")
     env = {**os.environ, "PYTHONHASHSEED": "random"}  # a fresh string-hash seed even if ours is pinned
     with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "child.model_ids"], cwd=TESTS, env=env, stdout=out, stderr=err
-        )
+        proc = subprocess.Popen(child_cmd("model_ids"), cwd=TESTS, env=env, stdout=out, stderr=err)
     yield proc, logs
     if proc.poll() is None:
         proc.kill()
