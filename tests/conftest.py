@@ -45,3 +45,33 @@ def comfy_text_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("comfy-text-files")
     make_text_files(out, FORMATS)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Issue 14: `tiny_model(family)` -> that registered family's tiny model (seed 0), built once per
+    session on first use and shared by the family tests (tests that train build their own)."""
+    from tunegraph.trainer.models import ModelSource, get_family
+
+    built: dict = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = get_family(family).load(ModelSource(flavour="tiny", seed=0))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_model, tmp_path_factory: pytest.TempPathFactory):
+    """Issue 14: `tiny_folder(family)` -> `tiny_model(family)` saved as a diffusers folder named after
+    the family, written once per session on first use."""
+    saved: dict = {}
+
+    def get(family: str) -> Path:
+        if family not in saved:
+            saved[family] = tiny_model(family).save_pretrained(tmp_path_factory.mktemp("tiny") / family)
+        return saved[family]
+
+    return get
