@@ -69,6 +69,10 @@ def test_tiny_models_and_validate_with_adapter(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "nope.safetensors: file not found" in missing.stderr
 
 
-def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
-    proc = cli("train", "--config", str(tmp_path / "config.json"), check=False)
-    assert proc.returncode == 2 and f"{tmp_path / 'config.json'}: file not found" in proc.stderr
+@pytest.mark.parametrize("command", ["train", "check", "cache", "validate"])
+def test_missing_config_file_is_a_clear_error_before_torch_loads(tmp_path: Path, command: str) -> None:
+    cmd = [sys.executable, "-X", "importtime", "-m", "tunegraph.trainer.cli", command]
+    proc = subprocess.run([*cmd, "--config", str(tmp_path / "config.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"error: {tmp_path / 'config.json'}: file not found" in proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
+    assert "tunegraph.trainer.config" in imported and "torch" not in imported  # seconds, not a torch import

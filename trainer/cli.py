@@ -34,37 +34,40 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     """Also under `torchrun --nproc_per_node N -m tunegraph.trainer.cli train ...` (one rank each)."""
+    cfg = _config(args)  # first: a config error is one line in a second, before torch is imported
     from .training.distributed import graceful_signals, teardown
     from .training.loop import train
 
     try:
         with graceful_signals():  # SIGTERM/SIGINT: stop after the step, checkpoint, exit 130
-            return train(_config(args), final_checkpoint=args.final_checkpoint)
+            return train(cfg, final_checkpoint=args.final_checkpoint)
     finally:
         teardown()
 
 
 def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = _config(args)
     from .preflight import describe, preflight
 
-    report = preflight(_config(args))
+    report = preflight(cfg)
     if not args.json:
         print(describe(report))
     return report
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = _config(args)
     from .cache.build import build_caches
     from .models.prepare import prepare_model
 
-    cfg = _config(args)
     return build_caches(cfg, prepare_model(cfg), progress=True)
 
 
 def cmd_validate(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = _config(args)
     from .training.validate_run import validate_adapter
 
-    return validate_adapter(_config(args), Path(args.adapter) if args.adapter else None)
+    return validate_adapter(cfg, Path(args.adapter) if args.adapter else None)
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
