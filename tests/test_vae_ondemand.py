@@ -1,6 +1,7 @@
 """SimpleTuner's `vae_cache_ondemand` (trainer/cache/ondemand.py): no latent is encoded at startup;
 a batch's latents are encoded when it is drawn and written to the VAE cache for later visits; the
-VAE stays loaded; the text-embed cache works as before; resume stays bit-exact."""
+VAE stays loaded; the text-embed cache works as before; resume stays bit-exact. `vae_cache_disable`:
+the same, encoded on every draw and never written."""
 
 from __future__ import annotations
 
@@ -108,6 +109,14 @@ def runs(demo: Path, tmp_path_factory) -> dict:
         out["on"] = train(run_config(demo, root / "on", vae_cache_ondemand=True), progress=False)
     out["on_calls"] = calls
     out["on_log"] = [r.getMessage() for r in records]
+    calls = []
+    with _capture() as records, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            family, "encode_images", lambda self, pixels: calls.append(len(pixels)) or encode(self, pixels)
+        )
+        out["off"] = train(run_config(demo, root / "off", vae_cache_disable=True), progress=False)
+    out["off_calls"] = calls
+    out["off_log"] = [r.getMessage() for r in records]
     entry = {"vae_cache_ondemand": True}
     with pytest.raises(Stop):
         cfg = run_config(demo, root / "cut", entry=entry)
@@ -155,6 +164,16 @@ def test_ondemand_trains_on_the_latents_the_cache_holds(runs: dict) -> None:
     assert any("VAE kept on the device" in m for m in runs["on_log"])
 
 
+def test_cache_disable_encodes_every_draw_and_writes_nothing(runs: dict) -> None:
+    root = runs["root"]
+    (off,) = runs["off"]["cache"]["datasets"]
+    assert (off["latents_cached"], off["latents_on_demand"], len(off["skipped"])) == (0, 4, 1)
+    assert runs["off_calls"] == [1] * 8  # 4 steps of 2 images: each draw encoded again, alone
+    assert not list((root / "off").glob("vae/*.safetensors"))
+    assert losses(root / "off") == losses(root / "cached")  # the mode, as the cache holds it
+    assert any("vae_cache_disable: no latents are encoded now or written" in m for m in runs["off_log"])
+
+
 def test_dataset_key_alone_and_resume_bit_exact(runs: dict) -> None:
     """Stopped at step 1 only the images drawn so far had latents; the resumed run read those and
     encoded the rest when drawn, and ends bit-exact with the uninterrupted run."""
@@ -184,18 +203,19 @@ def test_memory_plan_counts_the_vae_during_training(demo: Path, tmp_path: Path) 
     assert "on-demand VAE encode" not in {p.name for p in off.phases}
     # too small a card: the first change the plan proposes is to cache at startup instead
     (first, *_) = cheapest_fit(on.inputs, on_cfg, on.peak.device - 1, "cpu")
-    assert first.keys == {"vae_cache_ondemand": False, "keep_vae_loaded": False}
+    assert first.keys == {"vae_cache_ondemand": False, "vae_cache_disable": False, "keep_vae_loaded": False}
     after = {p.name: p.device for p in first.plan.phases}
     assert (
         "on-demand VAE encode" not in after and after["training step"] == step["training step"].device - vae
     )
 
 
-def test_option_is_implemented_not_warned() -> None:
-    assert not TrainConfig.from_dict({"vae_cache_ondemand": True}, source="config.json").warnings
-    assert "vae_cache_ondemand" not in key_groups()["not_implemented"]
+@pytest.mark.parametrize("key", ["vae_cache_ondemand", "vae_cache_disable"])
+def test_option_is_implemented_not_warned(key: str) -> None:
+    assert not TrainConfig.from_dict({key: True}, source="config.json").warnings
+    assert key not in key_groups()["not_implemented"]
     readme = README.read_text(encoding="utf-8")
     not_acted = readme[readme.index("#### SimpleTuner keys TuneGraph does not act on") :]
     not_implemented = not_acted[not_acted.index("- Not implemented") : not_acted.index("- No effect")]
-    assert "vae_cache_ondemand" not in not_implemented
+    assert key not in not_implemented
     assert "`vae_cache_ondemand`" in not_acted[not_acted.index("- Implemented since issue 15") :]

@@ -167,6 +167,7 @@ KEYS: dict[str, Key] = {
     "offload_during_startup": _k("bool", False),
     "keep_vae_loaded": _k("bool", False),
     "vae_cache_ondemand": _k("bool", False),  # issue 15: latents encoded when drawn (cache/ondemand.py)
+    "vae_cache_disable": _k("bool", False),  # on demand and never written (cache/ondemand.py)
     # hidream
     "hidream_use_load_balancing_loss": _k("bool", False),
     "hidream_load_balancing_loss_weight": _k("float", 0.01, **AT_LEAST_0),

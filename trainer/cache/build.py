@@ -108,9 +108,17 @@ def _on_demand(
     encoder: OnDemandLatents, items: list[LatentItem], spec: DatasetSpec, progress: bool
 ) -> tuple[int, int, dict[str, str]]:
     """(cached, reused, failed) for a vae_cache_ondemand dataset: nothing is encoded now."""
-    failed = encoder.add(items, progress=progress, desc=f"checking images {spec.id}")
+    write = spec.vae_cache_write
+    failed = encoder.add(items, write=write, progress=progress, desc=f"checking images {spec.id}")
     keys = {item.key for item in items}
     later = len(keys & encoder.pending)
+    if not write:
+        log.info(
+            "dataset '%s': vae_cache_disable: no latents are encoded now or written; %d will be encoded "
+            "each time a batch draws them (the VAE stays on the device)",
+            spec.id, later,
+        )  # fmt: skip
+        return 0, 0, failed
     log.info(
         "dataset '%s': vae_cache_ondemand: no latents are encoded now; %d will be encoded when a batch "
         "first draws them (and written to %s), %d are cached already",

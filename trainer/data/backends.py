@@ -72,6 +72,7 @@ class DatasetSpec:
     probability: float = 1.0
     cache_dir_vae: Path = Path("cache/vae")
     vae_cache_ondemand: bool = False  # latents encoded when a batch draws them (cache/ondemand.py)
+    vae_cache_write: bool = True  # False under vae_cache_disable: on-demand latents stay in memory
     source: str = "<multidatabackend>"
     tried_dirs: tuple[Path, ...] = field(default=(), compare=False)
 
@@ -240,8 +241,11 @@ def _image_spec(entry: _Entry, cfg: Any, base_dir: Path | None) -> DatasetSpec:
         probability=probability,
         cache_dir_vae=Path(e.get("cache_dir_vae", coerce.to_str, str(vae_default))),
         # SimpleTuner (v4.6+): the config's key applies to every dataset, the entry's to its own
+        # vae_cache_disable (config.json only, as in SimpleTuner) implies on demand, never written
         vae_cache_ondemand=bool(_cfg(cfg, "vae_cache_ondemand", False))
+        or bool(_cfg(cfg, "vae_cache_disable", False))
         or e.get("vae_cache_ondemand", coerce.to_bool, False),
+        vae_cache_write=not _cfg(cfg, "vae_cache_disable", False),
         source=e.source,
         tried_dirs=tried,
     )

@@ -28,8 +28,9 @@ def _steps(inp: PlanInputs) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     if inp.vae_in_training:  # costs only startup time: the latents are the same
         steps.append(
             (
-                "let the VAE leave the device after caching (vae_cache_ondemand off, also on datasets)",
-                {"vae_cache_ondemand": False, "keep_vae_loaded": False},
+                "let the VAE leave the device after caching (vae_cache_ondemand / vae_cache_disable off, "
+                "also on datasets)",
+                {"vae_cache_ondemand": False, "vae_cache_disable": False, "keep_vae_loaded": False},
                 {"vae_in_training": False, "vae_encodes_in_training": False},
             )
         )

@@ -142,8 +142,8 @@ def _bucket(cfg: Any) -> tuple[int, int]:
 
 
 def _on_demand(cfg: Any) -> bool:
-    """vae_cache_ondemand in config.json, or on any enabled dataset (cache/ondemand.py)."""
-    if getattr(cfg, "vae_cache_ondemand", False):
+    """vae_cache_ondemand / vae_cache_disable in config.json, or on any enabled dataset (cache/ondemand.py)."""
+    if getattr(cfg, "vae_cache_ondemand", False) or getattr(cfg, "vae_cache_disable", False):
         return True
     if not getattr(cfg, "data_backend_config", None):
         return False

@@ -59,7 +59,7 @@ FIXED = frozenset((*MODEL, *ADAPTER, *DATA, "optimizer"))
 NOT_COMPARED = frozenset(("output_dir", "resume_from_checkpoint", "lycoris_config", "data_backend_config"))
 CACHE_KEYS = frozenset((
     "cache_dir", "cache_dir_vae", "cache_dir_text", "write_batch_size", "vae_batch_size",
-    "vae_cache_ondemand",  # when latents are encoded, not what they are (cache/ondemand.py)
+    "vae_cache_ondemand", "vae_cache_disable",  # when latents are encoded, not what (cache/ondemand.py)
 ))  # fmt: skip
 
 
