@@ -92,31 +92,30 @@ def _stop_at_1(step, total, record):
         raise Stop
 
 
-@pytest.fixture(scope="module")
-def runs(demo: Path, tmp_path_factory) -> dict:
-    """4 steps of 2 images (two epochs) cached at startup, the same with config.json's key (VAE calls
-    counted), and with the dataset entry's key (SimpleTuner v4.6+) stopped at step 1 then resumed."""
-    root = tmp_path_factory.mktemp("runs")
-    out: dict = {"root": root}
-    out["cached"] = train(run_config(demo, root / "cached", vae_batch_size=1), progress=False)
-    calls = []
+def counted_train(cfg: TrainConfig) -> tuple[dict, list[int], list[str]]:
+    """Train; also the images per VAE call and the log lines."""
+    calls: list[int] = []
     family = get_family("flux")
     encode = family.encode_images
     with _capture() as records, pytest.MonkeyPatch.context() as mp:
         mp.setattr(
             family, "encode_images", lambda self, pixels: calls.append(len(pixels)) or encode(self, pixels)
         )
-        out["on"] = train(run_config(demo, root / "on", vae_cache_ondemand=True), progress=False)
-    out["on_calls"] = calls
-    out["on_log"] = [r.getMessage() for r in records]
-    calls = []
-    with _capture() as records, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(
-            family, "encode_images", lambda self, pixels: calls.append(len(pixels)) or encode(self, pixels)
+        summary = train(cfg, progress=False)
+    return summary, calls, [r.getMessage() for r in records]
+
+
+@pytest.fixture(scope="module")
+def runs(demo: Path, tmp_path_factory) -> dict:
+    """4 steps of 2 images (two epochs) cached at startup, the same with config.json's key (VAE calls
+    counted), with vae_cache_disable, and with the dataset entry's key (SimpleTuner v4.6+) stopped at step 1 then resumed."""
+    root = tmp_path_factory.mktemp("runs")
+    out: dict = {"root": root}
+    out["cached"] = train(run_config(demo, root / "cached", vae_batch_size=1), progress=False)
+    for name, key in (("on", "vae_cache_ondemand"), ("off", "vae_cache_disable")):
+        out[name], out[f"{name}_calls"], out[f"{name}_log"] = counted_train(
+            run_config(demo, root / name, **{key: True})
         )
-        out["off"] = train(run_config(demo, root / "off", vae_cache_disable=True), progress=False)
-    out["off_calls"] = calls
-    out["off_log"] = [r.getMessage() for r in records]
     entry = {"vae_cache_ondemand": True}
     with pytest.raises(Stop):
         cfg = run_config(demo, root / "cut", entry=entry)
