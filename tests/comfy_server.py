@@ -211,6 +211,20 @@ class ComfyServer:
         return self.get("/object_info" + (f"/{node}" if node else ""))
 
 
+TINY_TRAIN = ROOT / "workflows" / "flux" / "tiny_train_lokr.api.json"
+TRAIN_NODE = "5"  # its TrainLoKr node
+
+
+def tiny_train_workflow(name: str, steps: int, **train_inputs: Any) -> dict[str, Any]:
+    """The bundled tiny Flux training workflow (API format) training `steps` into run folder `name`,
+    with no intermediate checkpoints or eval; `train_inputs` change more TrainLoKr inputs."""
+    wf = json.loads(TINY_TRAIN.read_text())
+    inputs = wf[TRAIN_NODE]["inputs"]
+    inputs.update(output_name=name, steps=steps, checkpoint_interval=0, eval_interval=0)
+    inputs.update(train_inputs)
+    return wf
+
+
 def outcome(messages: list[dict[str, Any]]) -> dict[str, Any]:
     """The final message (execution_success / _error / _interrupted) of one prompt's messages."""
     done = [m for m in messages if m["type"] in DONE_TYPES]

@@ -10,20 +10,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from comfy_server import ROOT, outcome
+from comfy_server import TRAIN_NODE, outcome, tiny_train_workflow
 from safetensors.torch import load_file
+
+from tunegraph.trainer.training.run import FINAL_NAME as FINAL
 
 pytestmark = pytest.mark.comfyui
 
-TINY = ROOT / "workflows" / "flux" / "tiny_train_lokr.api.json"
-TRAIN_NODE = "5"
-FINAL = "pytorch_lora_weights.safetensors"
-
 
 def workflow(name: str, **train_inputs) -> dict:
-    wf = json.loads(TINY.read_text())
-    wf[TRAIN_NODE]["inputs"].update(output_name=name, steps=60, checkpoint_interval=0, eval_interval=0)
-    wf[TRAIN_NODE]["inputs"].update(train_inputs)
+    wf = tiny_train_workflow(name, 60, **train_inputs)
     wf["7"]["inputs"]["name"] = name
     return wf
 

@@ -31,6 +31,11 @@ BASE = {
 }  # the demo's learning_rate is 1e-2 (adamw)
 
 
+def resumed(demo: Path, run: Path, **changes):
+    """The demo config resuming `run`'s latest checkpoint with `changes`."""
+    return load_config(demo, {**BASE, "output_dir": str(run), "resume_from_checkpoint": "latest", **changes})
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(demo config, a run folder holding checkpoint-3 of 3 steps at lr 1e-2)."""
@@ -66,17 +71,7 @@ def test_checkpoint_keeps_its_config_values_and_files(trained) -> None:
 def test_allowed_change_is_listed_in_one_line_and_takes_effect(trained, tmp_path: Path, caplog) -> None:
     demo, out = trained
     run = copy_run(out, tmp_path / "slow")
-    cfg = load_config(
-        demo,
-        {
-            **BASE,
-            "output_dir": str(run),
-            "resume_from_checkpoint": "latest",
-            "max_train_steps": 6,
-            "learning_rate": 1e-12,
-            "checkpoints_total_limit": 5,
-        },  # fmt: skip
-    )
+    cfg = resumed(demo, run, max_train_steps=6, learning_rate=1e-12, checkpoints_total_limit=5)
     with caplog.at_level(logging.INFO, logger="tunegraph"):
         train(cfg, progress=False, final_checkpoint=True)
     lines = [r.getMessage() for r in caplog.records if "with changed settings" in r.getMessage()]
@@ -89,26 +84,21 @@ def test_allowed_change_is_listed_in_one_line_and_takes_effect(trained, tmp_path
     assert max_change(adapter(run / "checkpoint-3"), adapter(run / "checkpoint-6")) < 1e-9
     # ... at the checkpoint's own lr one step moves it by about 1e-2
     same = copy_run(out, tmp_path / "same")
-    train(load_config(demo, {**BASE, "output_dir": str(same), "resume_from_checkpoint": "latest",
-                             "max_train_steps": 4}), progress=False, final_checkpoint=True)  # fmt: skip
+    train(resumed(demo, same, max_train_steps=4), progress=False, final_checkpoint=True)
     assert max_change(adapter(same / "checkpoint-3"), adapter(same / "checkpoint-4")) > 1e-3
 
 
 def test_schedule_optimizer_settings_and_ema_follow_the_new_config(trained, tmp_path: Path) -> None:
     demo, out = trained
     run_dir = copy_run(out, tmp_path / "r")
-    cfg = load_config(
+    cfg = resumed(
         demo,
-        {
-            **BASE,
-            "output_dir": str(run_dir),
-            "resume_from_checkpoint": "latest",
-            "max_train_steps": 10,
-            "learning_rate": 2e-3,
-            "lr_scheduler": "cosine",
-            "adam_beta2": 0.99,
-            "use_ema": True,
-        },  # fmt: skip
+        run_dir,
+        max_train_steps=10,
+        learning_rate=2e-3,
+        lr_scheduler="cosine",
+        adam_beta2=0.99,
+        use_ema=True,
     )
     run = run_module.prepare_run(cfg)
     group = run.optimizer.param_groups[0]
@@ -134,9 +124,7 @@ def test_defining_change_is_refused_by_name_before_loading(
     monkeypatch.setattr(run_module, "prepare_model", no_loading)
     changes = {"seed": 7, "lycoris_config": str(tmp_path / "lyco.json"), "learning_rate": 5e-3}
     with pytest.raises(ConfigError) as err:
-        train(
-            load_config(demo, {**BASE, "output_dir": str(run), "resume_from_checkpoint": "latest", **changes})
-        )
+        train(resumed(demo, run, **changes))
     msg = str(err.value)
     assert "seed 42 -> 7" in msg and "lycoris_config (factor 4 -> 8)" in msg
     assert "learning_rate" not in msg  # allowed keys are not blamed

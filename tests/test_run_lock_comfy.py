@@ -11,26 +11,21 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_server import ROOT, outcome
+from comfy_server import TRAIN_NODE, outcome, tiny_train_workflow
 from safetensors import safe_open
 
 from tunegraph.trainer.commands.demo import write_demo_config
 from tunegraph.trainer.config import load_config
+from tunegraph.trainer.training.run import FINAL_NAME as FINAL
 from tunegraph.trainer.training.run_lock import LOCK_NAME, read_holder
 
 pytestmark = pytest.mark.comfyui
 
-TINY = ROOT / "workflows" / "flux" / "tiny_train_lokr.api.json"
-TRAIN_NODE = "5"
-FINAL = "pytorch_lora_weights.safetensors"
-
 
 def workflow(name: str, **train_inputs) -> dict:
     """The tiny training workflow without its sampling and saving nodes (the run folder is the point)."""
-    wf = json.loads(TINY.read_text())
+    wf = tiny_train_workflow(name, 2, **train_inputs)
     del wf["6"], wf["7"]
-    wf[TRAIN_NODE]["inputs"].update(output_name=name, steps=2, checkpoint_interval=0, eval_interval=0)
-    wf[TRAIN_NODE]["inputs"].update(train_inputs)
     return wf
 
 

@@ -198,6 +198,10 @@ def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
             host_parked,
         ],
     )
+    if inp.vae_in_training:  # keep_vae_loaded / vae_cache_ondemand: on the device all the run
+        vae_parts = [Part("VAE (kept on the device)", vae), Part("text encoders (host RAM)", host=enc)]
+    else:
+        vae_parts = [Part("text encoders + VAE (host RAM)", host=enc + vae)]
     train_parts = [
         ctx,
         Part("transformer (frozen)", on_device, note=quant_note or ("group offload" if parked else "")),
@@ -210,12 +214,9 @@ def build_plan(inp: PlanInputs, cfg: Any, target: str = "cuda") -> MemoryPlan:
             note=f"batch {inp.batch} at {inp.bucket_px[0]}x{inp.bucket_px[1]}, "
             f"checkpointing {'on' if inp.checkpointing else 'off'}",
         ),
+        *vae_parts,
         host_parked,
     ]
-    if inp.vae_in_training:  # keep_vae_loaded / vae_cache_ondemand: on the device all the run
-        train_parts[6:6] = [Part("VAE (kept on the device)", vae), Part("text encoders (host RAM)", host=enc)]
-    else:
-        train_parts.insert(6, Part("text encoders + VAE (host RAM)", host=enc + vae))
     if inp.use_ema:
         train_parts.insert(5, Part("EMA copy of the adapter", adapter))
     val_batch = 2 if inp.validation_cfg else 1

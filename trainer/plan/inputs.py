@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import TuneGraphError
+from ..models.prepare import weight_dtype
 from .configs import full_size_config, text_tokens
 from .weights import HELPER_PARAMS, file_params, folder_params
 
@@ -207,7 +208,7 @@ def plan_inputs(cfg: Any) -> PlanInputs:
         bucket_px=_bucket(cfg),
         batch=int(cfg.train_batch_size or 1),
         text_tokens=tokens,
-        dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32,
+        dtype=weight_dtype(cfg),  # what prepare_model loads the weights in
         base_precision=check_precision(cfg.base_model_precision),
         encoder_precisions=encoder_precisions,
         checkpointing=bool(cfg.gradient_checkpointing),
